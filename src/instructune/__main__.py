@@ -1,0 +1,3 @@
+from instructune.cli.main import main
+
+raise SystemExit(main())
