@@ -1,11 +1,37 @@
 """Prompt styles: ONE place that turns a record into the text a model sees.
 
-(Helper H1 completes this module: format_prompt, format_example, extract_response, styles.)
+Training, generation, evaluation and serving all build prompts with :func:`format_prompt` /
+:func:`format_example`, so a model is always prompted the way it was fine-tuned.
+
+Styles:
+
+* ``alpaca``: the book's ``format_input`` (chapter 7.2) followed by ``"\\n\\n### Response:\\n"``.
+* ``phi3``: the book's exercise 7.1 (``<|user|>\\n{instruction}``, ``\\n{input}`` when there is
+  one, then ``\\n<|assistant|>:\\n`` and the output).
+* ``chat``: the tokenizer's own Jinja chat template, rendered with ``jinja2``: one user message
+  (the instruction, plus ``"\\n\\n" + input`` when there is one) and the generation prompt.
+
+The response text never contains the end token: tokenisation appends it as an id.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from typing import Any
+
+from instructune.errors import DataError
+
+# The Alpaca preamble as printed in the book's chapter 7.2 (`format_input`); exact text.
+ALPACA_PREAMBLE = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request."
+)
+ALPACA_RESPONSE_MARKER = "### Response:"
+# The Phi-3 markers of the book's exercise 7.1.
+PHI3_USER = "<|user|>"
+PHI3_ASSISTANT = "<|assistant|>:"
 
 
 @dataclass
@@ -38,3 +64,228 @@ class PromptFormat:
     def from_dict(cls, data: dict) -> PromptFormat:
         known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
         return cls(**known)
+
+
+def _text(record: Mapping[str, Any], key: str) -> str:
+    value = record.get(key, "")
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise DataError(f"record field {key!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def format_input(record: Mapping[str, Any]) -> str:
+    """The book's ``format_input``: preamble, instruction, and the input section when non-empty.
+
+    This is the text the book's judge prompt quotes as the instruction, and the alpaca prompt
+    without its response marker.
+    """
+    text = f"{ALPACA_PREAMBLE}\n\n### Instruction:\n{_text(record, 'instruction')}"
+    inp = _text(record, "input")
+    return text + (f"\n\n### Input:\n{inp}" if inp else "")
+
+
+# --- styles -----------------------------------------------------------------------------------
+
+
+def _alpaca(record: Mapping[str, Any], chat_template: str | None) -> tuple[str, str]:
+    return format_input(record) + f"\n\n{ALPACA_RESPONSE_MARKER}\n", _text(record, "output")
+
+
+def _phi3(record: Mapping[str, Any], chat_template: str | None) -> tuple[str, str]:
+    inp = _text(record, "input")
+    prompt = f"{PHI3_USER}\n{_text(record, 'instruction')}" + (f"\n{inp}" if inp else "")
+    return prompt + f"\n{PHI3_ASSISTANT}\n", _text(record, "output")
+
+
+def user_message(record: Mapping[str, Any]) -> str:
+    """The user turn the ``chat`` style sends: the instruction, then ``"\\n\\n" + input``."""
+    inp = _text(record, "input")
+    return _text(record, "instruction") + (f"\n\n{inp}" if inp else "")
+
+
+def _chat(record: Mapping[str, Any], chat_template: str | None) -> tuple[str, str]:
+    if not chat_template:
+        raise DataError(
+            "prompt style 'chat' needs the tokenizer's chat template, and none was given "
+            "(this tokenizer has none: use --style alpaca or --style phi3)"
+        )
+    messages = [{"role": "user", "content": user_message(record)}]
+    return render_chat_template(chat_template, messages, add_generation_prompt=True), _text(
+        record, "output"
+    )
+
+
+@dataclass(frozen=True)
+class PromptStyle:
+    """A named prompt style.
+
+    Attributes:
+        name: the name used on the command line and in ``instructune.json``.
+        build: ``(record, chat_template) -> (prompt, response)``.
+        markers: the strings the book's extraction removes from generated text.
+        stop_strings: strings at which generation stops: the start of a new turn.
+        description: one line for ``--help``.
+    """
+
+    name: str
+    build: Callable[[Mapping[str, Any], str | None], tuple[str, str]]
+    markers: tuple[str, ...]
+    stop_strings: tuple[str, ...]
+    description: str
+
+
+STYLES: dict[str, PromptStyle] = {
+    "alpaca": PromptStyle(
+        "alpaca",
+        _alpaca,
+        markers=(ALPACA_RESPONSE_MARKER,),
+        # A base model that keeps going usually starts a new Alpaca section on a new line.
+        stop_strings=("\n### Instruction:", "\n### Input:", "\n### Response:"),
+        description="the book's Alpaca format (chapter 7.2)",
+    ),
+    "phi3": PromptStyle(
+        "phi3",
+        _phi3,
+        markers=(PHI3_ASSISTANT,),
+        stop_strings=(PHI3_USER, "<|assistant|>"),
+        description="the book's Phi-3 format (exercise 7.1)",
+    ),
+    "chat": PromptStyle(
+        "chat",
+        _chat,
+        markers=(),
+        # The template's own end token (an id) ends the turn; no text markers needed.
+        stop_strings=(),
+        description="the tokenizer's own Jinja chat template",
+    ),
+}
+
+
+def get_style(style: str) -> PromptStyle:
+    """The registered style called ``style``; a clear error lists the known ones."""
+    try:
+        return STYLES[style]
+    except KeyError:
+        known = ", ".join(sorted(STYLES))
+        raise DataError(f"unknown prompt style {style!r}; known styles: {known}") from None
+
+
+def style_names() -> list[str]:
+    return list(STYLES)
+
+
+def format_example(
+    record: Mapping[str, Any], style: str = "alpaca", *, chat_template: str | None = None
+) -> tuple[str, str]:
+    """``(prompt, response)`` for a record; ``prompt + response`` is the training text.
+
+    The prompt ends with the style's response marker; the end token is not part of the response
+    text (tokenisation appends it as an id).
+    """
+    return get_style(style).build(record, chat_template)
+
+
+def format_prompt(
+    record: Mapping[str, Any], style: str = "alpaca", *, chat_template: str | None = None
+) -> str:
+    """Everything the model sees before its answer, ending with the style's response marker."""
+    return format_example(record, style, chat_template=chat_template)[0]
+
+
+def extract_response(generated_text: str, style: str = "alpaca") -> str:
+    """The book's chapter 7.7 extraction, applied to the newly generated text only.
+
+    The book removes a ``"### Response:"`` marker the model may repeat and strips whitespace;
+    the same is done here with the style's markers (``"<|assistant|>:"`` for phi3).
+    """
+    text = generated_text
+    for marker in get_style(style).markers:
+        text = text.replace(marker, "")
+    return text.strip()
+
+
+def stop_strings_for(style: str) -> list[str]:
+    """Default strings at which generation should stop for ``style`` (new-turn markers)."""
+    return list(get_style(style).stop_strings)
+
+
+def prompt_format_for(tokenizer: Any, style: str = "alpaca") -> PromptFormat:
+    """The :class:`PromptFormat` a model fine-tuned with ``tokenizer`` and ``style`` is saved with.
+
+    ``tokenizer`` is any :class:`instructune.tokenization.Tokenizer`.
+    """
+    get_style(style)
+    if style == "chat" and not tokenizer.chat_template:
+        raise DataError(f"prompt style 'chat' needs a chat template; {tokenizer.name} has none")
+    return PromptFormat(
+        style=style,
+        eos_token=tokenizer.eos_token,
+        eos_id=tokenizer.eos_id,
+        stop_strings=stop_strings_for(style),
+        add_bos=bool(tokenizer.add_bos),
+        bos_id=tokenizer.bos_id if tokenizer.add_bos else None,
+    )
+
+
+# --- chat templates ---------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=8)
+def _compile_template(template: str):
+    import jinja2
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(value, indent=None):
+        import json
+
+        return json.dumps(value, indent=indent, ensure_ascii=False)
+
+    def strftime_now(fmt: str) -> str:
+        import datetime
+
+        return datetime.datetime.now().strftime(fmt)
+
+    # The settings transformers uses for chat templates, so templates render the same way.
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols]
+    )
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = strftime_now
+    try:
+        return env.from_string(template)
+    except jinja2.exceptions.TemplateSyntaxError as exc:
+        raise DataError(f"the chat template is not valid Jinja: {exc}") from None
+
+
+def render_chat_template(
+    template: str,
+    messages: list[dict[str, str]],
+    *,
+    add_generation_prompt: bool = True,
+    bos_token: str = "",
+    eos_token: str = "",
+) -> str:
+    """Render a Jinja chat template as transformers' ``apply_chat_template`` does (as text).
+
+    ``bos_token`` defaults to ``""`` because instructune puts BOS in front as an id (see
+    ``Tokenizer.add_bos``); rendering it as text as well would give two.
+    """
+    import jinja2
+
+    compiled = _compile_template(template)
+    try:
+        return compiled.render(
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=bos_token,
+            eos_token=eos_token,
+        )
+    except jinja2.exceptions.TemplateError as exc:
+        raise DataError(f"the chat template failed to render: {exc}") from None

