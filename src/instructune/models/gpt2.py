@@ -1,0 +1,143 @@
+"""GPT-2 as the book builds it (chapter 4), with a KV cache and padding masks added."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from instructune.models.config import ModelConfig
+from instructune.models.layers import (
+    Block,
+    CausalSelfAttention,
+    GeluMLP,
+    KVCache,
+    LayerNorm,
+    build_attention_mask,
+    run_blocks,
+)
+
+
+class GPT2Model(nn.Module):
+    """Token + learned position embeddings, pre-LayerNorm blocks, final LayerNorm, linear head.
+
+    Parameter names: ``tok_emb``, ``pos_emb``, ``blocks.{i}.norm1|attn.qkv|attn.proj|norm2|
+    ff.fc|ff.proj``, ``final_norm``, and ``out_head`` only when the head is untied (a tied head
+    *is* ``tok_emb.weight``; see ``output_weight``).
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        if cfg.arch != "gpt2":
+            raise ValueError(f"GPT2Model needs arch 'gpt2', got {cfg.arch!r}")
+        self.cfg = cfg
+        self.gradient_checkpointing = False
+        # _weight skips nn.Embedding's own random init (build_model initialises everything once).
+        self.tok_emb = nn.Embedding(
+            cfg.vocab_size, cfg.emb_dim, _weight=torch.empty(cfg.vocab_size, cfg.emb_dim)
+        )
+        self.pos_emb = nn.Embedding(
+            cfg.context_length, cfg.emb_dim, _weight=torch.empty(cfg.context_length, cfg.emb_dim)
+        )
+        self.drop_emb = nn.Dropout(cfg.drop_rate)
+        self.blocks = nn.ModuleList(
+            Block(
+                norm1=LayerNorm(cfg.emb_dim, cfg.norm_eps),
+                attn=CausalSelfAttention(
+                    cfg.emb_dim,
+                    cfg.n_heads,
+                    cfg.n_kv_heads,
+                    cfg.head_dim,
+                    qkv_bias=cfg.qkv_bias,
+                    drop_rate=cfg.drop_rate,
+                ),
+                norm2=LayerNorm(cfg.emb_dim, cfg.norm_eps),
+                ff=GeluMLP(cfg.emb_dim, cfg.hidden_dim),
+                drop_rate=cfg.drop_rate,
+            )
+            for _ in range(cfg.n_layers)
+        )
+        self.final_norm = LayerNorm(cfg.emb_dim, cfg.norm_eps)
+        self.out_head = (
+            None if cfg.tie_embeddings else nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+        )
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """The (V, D) head weight: the token embedding when tied."""
+        return self.tok_emb.weight if self.out_head is None else self.out_head.weight
+
+    def new_cache(
+        self,
+        batch_size: int,
+        max_len: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> KVCache:
+        """An empty KV cache for ``batch_size`` sequences of up to ``max_len`` positions."""
+        if max_len > self.cfg.context_length:
+            raise ValueError(
+                f"max_len {max_len} exceeds the context length {self.cfg.context_length}"
+            )
+        ref = self.tok_emb.weight
+        return KVCache(
+            self.cfg.n_layers,
+            batch_size,
+            self.cfg.n_kv_heads,
+            max_len,
+            self.cfg.head_dim,
+            device=device or ref.device,
+            dtype=dtype or ref.dtype,
+        )
+
+    def forward_hidden(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Final-normed hidden states (B, T, D). See ``forward`` for the arguments."""
+        past = cache.length if cache is not None else 0
+        t = input_ids.shape[1]
+        if position_ids is None:
+            if past + t > self.cfg.context_length:
+                raise ValueError(
+                    f"sequence of {past + t} tokens exceeds the context length "
+                    f"{self.cfg.context_length}"
+                )
+            pos = self.pos_emb.weight[past : past + t]  # (T, D), broadcast over the batch
+        else:
+            pos = self.pos_emb(position_ids)
+        x = self.drop_emb(self.tok_emb(input_ids) + pos)
+        mask = build_attention_mask(attention_mask, past, t, input_ids.device)
+        x = run_blocks(
+            self.blocks,
+            x,
+            rope=None,
+            mask=mask,
+            cache=cache,
+            checkpointing=self.gradient_checkpointing and self.training,
+        )
+        return self.final_norm(x)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Logits (B, T, V) for ``input_ids`` (B, T).
+
+        Args:
+            position_ids: (B, T) positions; default ``arange`` offset by the cache length.
+            attention_mask: (B, past + T) bool, True for real tokens (left-padded batches).
+            cache: a ``KVCache`` from ``new_cache``; the new keys/values are appended to it.
+        """
+        hidden = self.forward_hidden(
+            input_ids, position_ids=position_ids, attention_mask=attention_mask, cache=cache
+        )
+        return nn.functional.linear(hidden, self.output_weight)

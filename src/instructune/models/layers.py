@@ -1,0 +1,350 @@
+"""Building blocks shared by the GPT-2 and Llama models, and the KV cache.
+
+Shapes in comments: B batch, T new tokens, S keys attended (past + new), H query heads,
+KV key/value heads, hd head width, D model width.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from torch import nn
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with a scale and a shift (GPT-2's; HF names them ``weight`` and ``bias``)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (Llama). Normalises in fp32, as HF does, then scales in x's dtype."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # one fused kernel
+            return F.rms_norm(x, self.weight.shape, self.weight, eps=self.eps)
+        normed = F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
+        return normed * self.weight
+
+
+def llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:
+    """Llama 3's RoPE frequency scaling: slow down long wavelengths, keep short ones.
+
+    Wavelengths longer than ``original / low_freq_factor`` are divided by ``factor``, those shorter
+    than ``original / high_freq_factor`` are kept, and the band between is interpolated smoothly.
+    """
+    factor = float(scaling["factor"])
+    low = float(scaling["low_freq_factor"])
+    high = float(scaling["high_freq_factor"])
+    original = float(scaling["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > original / low, inv_freq / factor, inv_freq)
+    smooth = (original / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    in_band = (wavelen >= original / high) & (wavelen <= original / low)
+    return torch.where(in_band, blended, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding tables in HF's rotate-half layout.
+
+    The cos/sin tables are computed once per device (fp32, like HF), grown when a longer
+    position is asked for, and kept out of the state dict. They are plain attributes rather than
+    buffers so that a model built on the ``meta`` device and then filled with real weights
+    computes real tables on first use.
+    """
+
+    def __init__(
+        self,
+        head_dim: int,
+        theta: float,
+        scaling: dict[str, Any] | None = None,
+        *,
+        max_positions: int = 8192,
+    ) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.theta = theta
+        self.scaling = scaling
+        self.max_positions = max_positions
+        self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def inv_freq(self, device: torch.device | None = None) -> torch.Tensor:
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float()
+        inv_freq = 1.0 / (self.theta ** (exponents / self.head_dim))
+        if self.scaling is not None:
+            inv_freq = llama3_inv_freq(inv_freq, self.scaling)
+        return inv_freq
+
+    def _table(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        cached = self._tables.get(device)
+        if cached is not None and cached[0].shape[0] >= length:
+            return cached
+        # Grow geometrically so generation does not rebuild the table for every new token.
+        size = max(length, 256, 2 * cached[0].shape[0] if cached is not None else 0)
+        # Plain tensors even when first called under inference_mode: training reuses them.
+        with torch.inference_mode(False), torch.no_grad():
+            positions = torch.arange(size, dtype=torch.float32, device=device)
+            freqs = torch.outer(positions, self.inv_freq(device))  # (size, hd/2)
+            angles = torch.cat((freqs, freqs), dim=-1)  # (size, hd)
+            self._tables[device] = (angles.cos(), angles.sin())
+        return self._tables[device]
+
+    def forward(
+        self, position_ids: torch.Tensor | None, start: int, length: int, *, device, dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin for the new tokens: (1, 1, T, hd) from ``start``, or (B, 1, T, hd)."""
+        if position_ids is None:
+            cos, sin = self._table(start + length, device)
+            cos, sin = cos[start : start + length], sin[start : start + length]
+            return cos.to(dtype)[None, None], sin.to(dtype)[None, None]
+        # Explicit positions: cover the whole context once, so no step has to read
+        # position_ids back from the device to size the table.
+        cos, sin = self._table(self.max_positions, device)
+        return cos[position_ids].to(dtype)[:, None], sin[position_ids].to(dtype)[:, None]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, heads, T, hd) by the position angles; halves are paired (HF's rotate_half)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class KVCache:
+    """Preallocated keys and values for every layer, and how many positions are filled.
+
+    ``k[i]`` and ``v[i]`` are (B, KV, max_len, hd). A forward pass with the cache writes the new
+    tokens' keys/values at ``[length:length + T]``, attends over ``[:length + T]`` and then
+    advances ``length`` by T. The batch shares one length: left-pad prompts of unequal length
+    and pass an ``attention_mask``.
+    """
+
+    def __init__(
+        self,
+        n_layers: int,
+        batch_size: int,
+        n_kv_heads: int,
+        max_len: int,
+        head_dim: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        shape = (batch_size, n_kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.max_len = max_len
+        self.batch_size = batch_size
+        self.length = 0
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new (B, KV, T, hd) keys/values of ``layer``; return all filled ones."""
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache overflow: {end} positions > max_len {self.max_len}")
+        self.k[layer][:, :, self.length : end] = k
+        self.v[layer][:, :, self.length : end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+    def reset(self) -> None:
+        """Forget the contents (the memory is reused)."""
+        self.length = 0
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep only the batch rows in ``index`` (e.g. drop finished sequences)."""
+        self.k = [t.index_select(0, index) for t in self.k]
+        self.v = [t.index_select(0, index) for t in self.v]
+        self.batch_size = int(index.shape[0])
+
+
+def build_attention_mask(
+    attention_mask: torch.Tensor | None, past: int, new: int, device: torch.device
+) -> torch.Tensor | None:
+    """The boolean mask SDPA needs (B or 1, 1, T, S), or None when plain causal attention works.
+
+    Combines causality (query t sits at position ``past + t``) with key padding
+    (``attention_mask`` False). Each query may always see itself, so a padding query never has
+    every key masked (SDPA would return NaN for it, and NaN would leak through later layers).
+    """
+    total = past + new
+    if attention_mask is None and (past == 0 or new == 1):
+        return None  # is_causal=True (no cache) or a single query that may see every key
+    query_pos = torch.arange(past, total, device=device)[:, None]
+    key_pos = torch.arange(total, device=device)[None, :]
+    mask = key_pos <= query_pos  # (T, S)
+    if attention_mask is None:
+        return mask[None, None]
+    if attention_mask.shape[-1] != total:
+        raise ValueError(
+            f"attention_mask covers {attention_mask.shape[-1]} positions, expected past + new = {total}"
+        )
+    keep = attention_mask.to(device=device, dtype=torch.bool)[:, None, None, :]  # (B, 1, 1, S)
+    return (mask[None, None] & keep) | (key_pos == query_pos)[None, None]
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head (or grouped-query) causal attention with one fused q/k/v projection.
+
+    ``qkv`` maps D to (H + 2*KV) * hd: the query heads, then the key heads, then the value heads.
+    RoPE is applied when the caller passes cos/sin (Llama) and skipped when it passes None (GPT-2).
+    """
+
+    def __init__(
+        self,
+        emb_dim: int,
+        n_heads: int,
+        n_kv_heads: int,
+        head_dim: int,
+        *,
+        qkv_bias: bool,
+        drop_rate: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.n_kv_heads = n_kv_heads
+        self.head_dim = head_dim
+        self.drop_rate = drop_rate
+        self.qkv = nn.Linear(emb_dim, (n_heads + 2 * n_kv_heads) * head_dim, bias=qkv_bias)
+        self.proj = nn.Linear(n_heads * head_dim, emb_dim, bias=qkv_bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        mask: torch.Tensor | None,
+        cache: KVCache | None,
+        layer: int,
+    ) -> torch.Tensor:
+        b, t, _ = x.shape
+        h, kv, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        qkv = self.qkv(x).view(b, t, h + 2 * kv, hd).transpose(1, 2)  # (B, H+2KV, T, hd)
+        q, k, v = qkv.split((h, kv, kv), dim=1)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, KV, S, hd)
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=self.drop_rate if self.training else 0.0,
+            # No mask means plain causal attention, unless past keys are cached (then T == 1).
+            is_causal=mask is None and (cache is None or cache.length == 0),
+            enable_gqa=kv != h,
+        )  # (B, H, T, hd)
+        return self.proj(out.transpose(1, 2).reshape(b, t, h * hd))
+
+
+class Block(nn.Module):
+    """A pre-norm transformer block; the norms and the MLP are given, so both models share it.
+
+    x + drop(attn(norm1(x))), then + drop(ff(norm2(x))): the two residual ("shortcut") paths.
+    """
+
+    def __init__(
+        self,
+        *,
+        norm1: nn.Module,
+        attn: CausalSelfAttention,
+        norm2: nn.Module,
+        ff: nn.Module,
+        drop_rate: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.norm1 = norm1
+        self.attn = attn
+        self.norm2 = norm2
+        self.ff = ff
+        self.drop = nn.Dropout(drop_rate)
+
+    def forward(self, x, rope, mask, cache: KVCache | None, layer: int) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.norm1(x), rope=rope, mask=mask, cache=cache, layer=layer))
+        return x + self.drop(self.ff(self.norm2(x)))
+
+
+def run_blocks(
+    blocks: nn.ModuleList,
+    x: torch.Tensor,
+    *,
+    rope: tuple[torch.Tensor, torch.Tensor] | None,
+    mask: torch.Tensor | None,
+    cache: KVCache | None,
+    checkpointing: bool,
+) -> torch.Tensor:
+    """Run every block, with activation checkpointing when asked and gradients are on."""
+    use_ckpt = checkpointing and torch.is_grad_enabled() and cache is None
+    for i, block in enumerate(blocks):
+        if use_ckpt:
+            x = torch.utils.checkpoint.checkpoint(
+                block, x, rope, mask, None, i, use_reentrant=False
+            )
+        else:
+            x = block(x, rope, mask, cache, i)
+    if cache is not None:
+        cache.advance(x.shape[1])
+    return x
+
+
+class GeluMLP(nn.Module):
+    """GPT-2's feed-forward: Linear, GELU (tanh approximation), Linear."""
+
+    def __init__(self, emb_dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(emb_dim, hidden_dim)
+        self.proj = nn.Linear(hidden_dim, emb_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.gelu(self.fc(x), approximate="tanh"))
+
+
+class SwiGLU(nn.Module):
+    """Llama's feed-forward: down(silu(gate(x)) * up(x)), gate and up fused in one matmul."""
+
+    def __init__(self, emb_dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.hidden_dim = hidden_dim
+        self.gate_up = nn.Linear(emb_dim, 2 * hidden_dim, bias=False)  # rows: gate, then up
+        self.down = nn.Linear(hidden_dim, emb_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).split(self.hidden_dim, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+def init_weights(module: nn.Module, std: float = 0.02) -> None:
+    """GPT-2-style random init: N(0, std) matrices, zero biases, unit norm scales."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=std)
+        elif isinstance(m, (LayerNorm, RMSNorm)):
+            nn.init.ones_(m.weight)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
