@@ -245,3 +245,30 @@ def test_cache_reorder_and_reset():
         cache.reset()
         assert cache.length == 0 and cache.batch_size == 2
         assert torch.allclose(model(ids[[2, 0]], cache=cache), model(ids[[2, 0]]), atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_cache_reorder_copies_the_filled_rows_and_decoding_goes_on_to_max_len(arch):
+    # reorder copies only the filled positions into new max_len buffers: the kept rows' keys and
+    # values must survive it, and decoding must still match a full forward up to max_len.
+    torch.manual_seed(7)
+    model = build_model(tiny(arch))
+    ids = torch.randint(0, 97, (4, 12))
+    rows = torch.tensor([3, 1])
+    with torch.no_grad():
+        cache = model.new_cache(4, 12)
+        model(ids[:, :5], cache=cache)
+        before_k = [k[rows, :, :5].clone() for k in cache.k]
+        before_v = [v[rows, :, :5].clone() for v in cache.v]
+        cache.reorder(rows)
+        assert cache.batch_size == 2 and cache.length == 5
+        for k, v, old_k, old_v in zip(cache.k, cache.v, before_k, before_v, strict=True):
+            assert k.shape == v.shape == (2, old_k.shape[1], 12, old_k.shape[3])
+            assert torch.equal(k[:, :, :5], old_k) and torch.equal(v[:, :, :5], old_v)
+        kept = ids[rows]
+        steps = [model(kept[:, t : t + 1], cache=cache) for t in range(5, 9)]
+        assert torch.allclose(torch.cat(steps, dim=1), model(kept[:, :9])[:, 5:], atol=1e-5)
+        cache.reorder(torch.tensor([1]))  # a second reorder, after more steps
+        steps = [model(kept[1:, t : t + 1], cache=cache) for t in range(9, 12)]
+        assert cache.length == 12  # filled to max_len
+        assert torch.allclose(torch.cat(steps, dim=1), model(kept[1:])[:, 9:], atol=1e-5)

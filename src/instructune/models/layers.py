@@ -173,10 +173,21 @@ class KVCache:
         self.length = 0
 
     def reorder(self, index: torch.Tensor) -> None:
-        """Keep only the batch rows in ``index`` (e.g. drop finished sequences)."""
-        self.k = [t.index_select(0, index) for t in self.k]
-        self.v = [t.index_select(0, index) for t in self.v]
+        """Keep only the batch rows in ``index`` (e.g. drop finished sequences).
+
+        Only the filled positions ``[:length]`` are copied; the new buffers still hold
+        ``max_len`` positions, and the rest is left uninitialised (``update`` writes a position
+        before anything reads it).
+        """
+        self.k = [self._select_rows(t, index) for t in self.k]
+        self.v = [self._select_rows(t, index) for t in self.v]
         self.batch_size = int(index.shape[0])
+
+    def _select_rows(self, buffer: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """A new (len(index), KV, max_len, hd) buffer with the filled part of rows ``index``."""
+        out = buffer.new_empty((index.shape[0], *buffer.shape[1:]))
+        torch.index_select(buffer[:, :, : self.length], 0, index, out=out[:, :, : self.length])
+        return out
 
 
 def build_attention_mask(

@@ -1,0 +1,51 @@
+"""Text generation: one batched, KV-cached ``generate()``, a streaming ``stream()``, sampling.
+
+One decoding loop serves every caller. The KV cache is an option of that loop, not a second
+copy of it: ``use_cache=False`` recomputes the whole sequence for every new token, as the book's
+``generate`` does, and exists as the baseline the benchmark compares against.
+
+Batching: prompts are sorted by length, each batch is left-padded, and the model gets an
+``attention_mask`` and ``position_ids`` so that every row sees exactly what it would see alone
+(real tokens start at position 0, padding is never attended to). Rows stop on their own (end
+token, stop string, token budget); finished rows are dropped from the batch, so a batch costs
+what its still-running rows cost. Responses are cut by token ids at the prompt length, never by
+slicing decoded text.
+
+Modules, one job each:
+
+- ``base``: ``GenerationResult``, ``GenerationError``, ``ContextLengthError``.
+- ``sampling``: greedy / temperature / top-k / top-p, one seeded generator per prompt.
+- ``decoding``: the batched, KV-cached decoding loop (``_BatchDecoder``).
+- ``text``: encoding prompts and fitting them to the context; stop strings; results.
+- ``api``: ``generate()`` and ``stream()``.
+- ``answering``: ``answer_records()`` (the book's section 7.7) and ``stop_ids_for()``.
+"""
+
+from __future__ import annotations
+
+from instructune.generation.answering import answer_records, stop_ids_for
+from instructune.generation.api import generate, stream
+from instructune.generation.base import (
+    ContextLengthError,
+    FinishReason,
+    GenerationError,
+    GenerationResult,
+)
+
+# Private names the tests import from here, as they did from the single module.
+from instructune.generation.decoding import _BatchDecoder as _BatchDecoder
+from instructune.generation.sampling import _Sampler as _Sampler
+from instructune.generation.text import _held_back as _held_back
+from instructune.generation.text import encode_prompt
+
+__all__ = [
+    "ContextLengthError",
+    "FinishReason",
+    "GenerationError",
+    "GenerationResult",
+    "answer_records",
+    "encode_prompt",
+    "generate",
+    "stop_ids_for",
+    "stream",
+]

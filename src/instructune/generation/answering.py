@@ -1,0 +1,147 @@
+"""Answering a data set (the book's section 7.7): ``answer_records`` and ``stop_ids_for``."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from instructune.errors import DataError
+from instructune.generation.api import generate
+from instructune.generation.text import encode_prompt
+
+
+def stop_ids_for(loaded: Any) -> list[int]:
+    """End tokens for a loaded model: its saved prompt format's and its tokenizer's."""
+    ids = [loaded.tokenizer.eos_id]
+    fmt = getattr(loaded, "prompt_format", None)
+    if fmt is not None and fmt.eos_id is not None and fmt.eos_id not in ids:
+        ids.append(fmt.eos_id)
+    return ids
+
+
+def _without(record: dict, key: str) -> dict:
+    return {k: v for k, v in record.items() if k != key}
+
+
+def _previous_answers(out_path: Path, records: list[dict], key: str) -> dict[int, Any]:
+    """Answers already in ``out_path`` (index -> answer), after checking it fits ``records``."""
+    try:
+        previous = json.loads(out_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DataError(
+            f"{out_path}: cannot resume from it ({exc}); delete it or pick another out path"
+        ) from None
+    if not isinstance(previous, list) or len(previous) != len(records):
+        raise DataError(
+            f"{out_path}: holds {len(previous) if isinstance(previous, list) else 'no list of'} "
+            f"records, the input {len(records)}; it was written for other data. Delete it or "
+            f"pick another out path"
+        )
+    answers = {}
+    for i, (old, new) in enumerate(zip(previous, records, strict=True)):
+        if not isinstance(old, dict) or key not in old:
+            continue
+        if _without(old, key) != _without(new, key):
+            field = next((f for f in {**old, **new} if f != key and old.get(f) != new.get(f)), "?")
+            raise DataError(
+                f"{out_path}: record {i} field {field!r} differs from the input's record {i}; "
+                f"the file was written for other data. Delete it or pick another out path"
+            )
+        answers[i] = old[key]
+    return answers
+
+
+def answer_records(
+    loaded: Any,
+    records: Sequence[dict],
+    *,
+    style: str | None = None,
+    out_path: str | Path | None = None,
+    response_key: str = "model_response",
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    batch_size: int = 16,
+    stop_strings: Sequence[str] | None = None,
+    add_bos: bool | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    """Answer every record, as the book's section 7.7 does, in batches.
+
+    Each record is prompted with ``format_prompt(record, style)``; the answer is
+    ``extract_response`` of the new text, stored under ``response_key`` in a copy of the record.
+
+    Args:
+        loaded: a ``LoadedModel`` (``model``, ``tokenizer``, ``prompt_format``).
+        records: instruction records (``instruction``, ``input``, ``output``...).
+        style: prompt style; default the model's saved ``prompt_format.style``, else ``alpaca``.
+        out_path: if given, the JSON list of answered records is written there atomically after
+            every batch, and answers already in it (for the same records) are kept, not redone.
+        stop_strings: default: the saved prompt format's when ``style`` is the saved style,
+            else the style's own (``stop_strings_for(style)``).
+        add_bos: default: the saved prompt format's, else the tokenizer's.
+        progress: show a tqdm progress bar.
+        The other options are ``generate``'s; the end tokens are ``stop_ids_for(loaded)``.
+
+    Returns:
+        The records in their order, each with ``response_key``.
+    """
+    from tqdm.auto import tqdm
+
+    from instructune.data.prompts import extract_response, format_prompt, stop_strings_for
+    from instructune.utils.io import atomic_write_json
+
+    tokenizer, fmt = loaded.tokenizer, loaded.prompt_format
+    style = style or (fmt.style if fmt is not None else "alpaca")
+    if stop_strings is None:
+        saved = fmt is not None and fmt.style == style
+        stop_strings = list(fmt.stop_strings) if saved else stop_strings_for(style)
+    if add_bos is None and fmt is not None:
+        add_bos = fmt.add_bos
+    out = [_without(dict(r), response_key) for r in records]
+    out_path = Path(out_path) if out_path is not None else None
+    if out_path is not None and out_path.exists():
+        for i, answer in _previous_answers(out_path, out, response_key).items():
+            out[i][response_key] = answer
+    pending = [i for i, r in enumerate(out) if response_key not in r]
+    prompts = {
+        i: encode_prompt(
+            tokenizer,
+            format_prompt(out[i], style, chat_template=tokenizer.chat_template),
+            add_bos=add_bos,
+        )
+        for i in pending
+    }
+    # Longest first, batch by batch, so each batch holds similar lengths and is saved once done.
+    pending.sort(key=lambda i: -len(prompts[i]))
+    bar = tqdm(total=len(out), initial=len(out) - len(pending), unit="record", disable=not progress)
+    try:
+        for start in range(0, len(pending), batch_size):
+            batch = pending[start : start + batch_size]
+            results = generate(
+                loaded.model,
+                tokenizer,
+                [prompts[i] for i in batch],
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                seed=None if seed is None else seed + start,
+                stop_ids=stop_ids_for(loaded),
+                stop_strings=stop_strings,
+                batch_size=batch_size,
+            )
+            for i, result in zip(batch, results, strict=True):
+                out[i][response_key] = extract_response(result.text, style)
+            if out_path is not None:
+                atomic_write_json(out_path, out)
+            bar.update(len(batch))
+    finally:
+        bar.close()
+    if out_path is not None and not pending:
+        atomic_write_json(out_path, out)
+    return out
