@@ -1,0 +1,353 @@
+"""Training throughput, model FLOPs utilisation and peak memory (prints figures; not a test).
+
+For each (model, batching, precision) it runs a few optimizer steps of instructune's training
+step (fused supervised-only cross-entropy, fused AdamW) on the book's training split and prints
+positions/s, supervised tokens/s (targets != -100), the padding share, seconds per step split
+into data / forward / backward / optimizer, peak resident memory, and
+
+    supervised MFU = 6 * N * supervised tokens/s / fp32 matmul peak
+
+with N the weight-matrix parameters including the output head (123.5M for gpt2) and the peak
+the median of 3 torch.mm of 4096x4096 in the same process with the same threads. Each
+configuration runs in its own process, so its ru_maxrss is its own.
+
+Note: the fused loss computes the output head's gradient during the forward pass, so part of
+what is "backward" in a textbook loop shows up under "forward" here.
+
+    python benchmarks/training.py --quick                 # gpt2, few steps
+    python benchmarks/training.py                         # gpt2 + embedded, fp32 + bf16
+    python benchmarks/training.py --memory                # gpt2-medium, the longest batches
+    python benchmarks/training.py --profile --steps 2     # torch.profiler table per config
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "instruction-data.json"
+
+
+# ---------------------------------------------------------------------------- one configuration
+
+
+def _load(model_name: str):
+    import torch
+
+    from instructune.checkpoints import load_model
+
+    torch.manual_seed(123)
+    if model_name == "smollm2-135m-instruct":
+        return load_model(model_name)
+    return load_model(model_name, init="random")
+
+
+def _batches(loaded, data: Path, batch_size: int, grouped: bool, max_length: int):
+    from instructune.data.collate import make_collate
+    from instructune.data.dataset import tokenize_records
+    from instructune.data.records import load_records, split_records
+    from instructune.data.sampling import batch_order
+
+    train, _test, val = split_records(load_records(data))
+    tok = loaded.tokenizer
+    items = tokenize_records(train, tok, "alpaca")
+    val_items = tokenize_records(val, tok, "alpaca")
+    collate = make_collate(pad_id=tok.pad_id, max_length=max_length)
+    order = batch_order(
+        [len(i) for i in items], batch_size, seed=123, epoch=0, group_by_length=grouped
+    )
+    return items, val_items, collate, order
+
+
+def run_one(spec: dict) -> dict:
+    """Time ``spec["steps"]`` optimizer steps of one configuration; return the figures."""
+    import torch
+
+    from instructune.training.loop import autocast_context, evaluate_loss, make_optimizer
+    from instructune.training.loss import IGNORE_INDEX, SupervisedLoss
+    from instructune.training.metrics import (
+        count_matmul_params,
+        matmul_peak_flops,
+        peak_rss_bytes,
+        supervised_mfu,
+    )
+
+    torch.set_num_threads(spec["threads"])
+    loaded = _load(spec["model"])
+    model = loaded.model
+    model.train()
+    model.gradient_checkpointing = spec.get("checkpointing", False)
+    items, val_items, collate, order = _batches(
+        loaded, Path(spec["data"]), spec["batch_size"], spec["grouped"], spec["max_length"]
+    )
+    if spec.get("longest"):  # --memory: the longest records, so the biggest batch comes first
+        ranked = sorted(range(len(items)), key=lambda i: -len(items[i]))
+        order = [
+            ranked[i : i + spec["batch_size"]] for i in range(0, len(ranked), spec["batch_size"])
+        ]
+    batches = order[: spec["steps"] + 1]  # +1 warm-up step, not timed
+    loss_module = SupervisedLoss(model)
+    optimizer = make_optimizer(
+        model,
+        lr=5e-5,
+        weight_decay=0.1,
+        device=torch.device("cpu"),
+        in_backward=spec.get("in_backward", False),
+    )
+    times = {"data": 0.0, "forward": 0.0, "backward": 0.0, "optimizer": 0.0}
+    positions = supervised = 0
+    profiler = None
+    for n, batch in enumerate(batches):
+        timed = n > 0
+        if timed and spec.get("profile") and profiler is None:
+            profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+            profiler.__enter__()
+        t0 = time.perf_counter()
+        inputs, targets = collate([items[i] for i in batch])
+        count = int((targets != IGNORE_INDEX).sum())
+        t1 = time.perf_counter()
+        with autocast_context(torch.device("cpu"), spec["precision"]):
+            loss_sum = loss_module(inputs, targets, grad_scale=1.0 / count)
+        t2 = time.perf_counter()
+        (loss_sum / count).backward()
+        t3 = time.perf_counter()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        t4 = time.perf_counter()
+        if timed:
+            times["data"] += t1 - t0
+            times["forward"] += t2 - t1
+            times["backward"] += t3 - t2
+            times["optimizer"] += t4 - t3
+            positions += inputs.numel()
+            supervised += count
+    if profiler is not None:
+        profiler.__exit__(None, None, None)
+        print(
+            profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=15),
+            file=sys.stderr,
+        )
+    steps = len(batches) - 1
+    total = sum(times.values())
+    val_batches = [
+        list(range(i, min(i + spec["batch_size"], len(val_items))))
+        for i in range(0, len(val_items), spec["batch_size"])
+    ][:5]
+    val_loss = None
+    if not spec.get("longest"):
+        val_loss = evaluate_loss(
+            model,
+            val_items,
+            val_batches,
+            collate,
+            device=torch.device("cpu"),
+            precision=spec["precision"],
+        )
+    peak32 = matmul_peak_flops(torch.float32)
+    n_params = count_matmul_params(model)
+    return {
+        **{k: spec[k] for k in ("model", "precision", "grouped", "batch_size", "threads")},
+        "checkpointing": spec.get("checkpointing", False),
+        "steps": steps,
+        "n_params": n_params,
+        "positions_per_s": positions / total,
+        "supervised_per_s": supervised / total,
+        "padding_share": 1 - supervised / positions,
+        "s_per_step": {k: v / steps for k, v in times.items()},
+        "peak_rss_bytes": peak_rss_bytes(),
+        "fp32_peak_flops": peak32,
+        "mfu": supervised_mfu(n_params, supervised / total, peak32),
+        "val_loss": val_loss,
+        "longest_batch_positions": max(len(items[i]) for i in batches[0]) * len(batches[0]),
+    }
+
+
+# ---------------------------------------------------------------------------- driver
+
+
+def _child(spec: dict) -> dict:
+    cmd = [sys.executable, __file__, "--run-one", json.dumps(spec)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"])}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        raise SystemExit(f"configuration {spec} failed:\n{result.stderr[-3000:]}")
+    if spec.get("profile"):
+        print(result.stderr)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _print_row(r: dict) -> None:
+    s = r["s_per_step"]
+    val = f"{r['val_loss']:.4f}" if r["val_loss"] is not None else "-"
+    print(
+        f"{r['model']:<22} {r['precision']:<5} {'grouped' if r['grouped'] else 'shuffled':<9}"
+        f"{r['positions_per_s']:>9.0f} {r['supervised_per_s']:>9.0f} {r['padding_share']:>6.1%}"
+        f"  {s['data']:.3f}/{s['forward']:.3f}/{s['backward']:.3f}/{s['optimizer']:.3f}"
+        f" {r['peak_rss_bytes'] / 1e9:>6.2f} {r['mfu']:>6.1%} {val:>8}",
+        flush=True,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--data", default=str(DEFAULT_DATA), help="the book's instruction-data.json")
+    p.add_argument("--models", default="gpt2,smollm2-135m-instruct")
+    p.add_argument("--precisions", default="fp32,bf16")
+    p.add_argument("--batching", default="shuffled,grouped")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--steps", type=int, default=8, help="timed optimizer steps per configuration")
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--max-length", type=int, default=1024)
+    p.add_argument("--quick", action="store_true", help="gpt2 only, 3 steps")
+    p.add_argument("--memory", action="store_true", help="gpt2-medium fp32 on the longest batches")
+    p.add_argument("--profile", action="store_true", help="print torch.profiler's top ops")
+    p.add_argument(
+        "--no-in-backward",
+        action="store_true",
+        help="--memory: a plain fused AdamW step instead of the step inside backward",
+    )
+    p.add_argument("--force-bf16", action="store_true", help="run bf16 even on CPUs without it")
+    p.add_argument("--run-one", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.run_one:
+        print(json.dumps(run_one(json.loads(args.run_one))))
+        return 0
+    if not Path(args.data).exists():
+        raise SystemExit(
+            f"{args.data} not found; pass --data PATH to the book's instruction-data.json"
+        )
+
+    import platform
+
+    import torch
+
+    from instructune.training.metrics import matmul_peak_flops
+
+    torch.set_num_threads(args.threads)
+    print(
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch "
+        f"{torch.__version__}, {args.threads} threads"
+    )
+    peak32 = matmul_peak_flops(torch.float32)
+    # A CPU without bf16 instructions emulates bf16 matmuls ~50x slower than fp32; one small
+    # probe avoids minutes of 4096^3 bf16 products that would only confirm it.
+    probe16 = matmul_peak_flops(torch.bfloat16, n=512, repeats=1)
+    slow_bf16 = probe16 < 0.5 * peak32 and not args.force_bf16
+    if slow_bf16:
+        print(
+            f"matmul peak (median of 3 mm 4096x4096): fp32 {peak32 / 1e9:.1f} GFLOP/s; bf16 "
+            f"{probe16 / 1e9:.2f} GFLOP/s on a 512x512 probe ({probe16 / peak32:.3f}x fp32):"
+        )
+        print(
+            "  this CPU lacks fast bf16 matmuls (no AVX512-BF16/AMX), so the bf16 rows are "
+            "skipped (--force-bf16 runs them anyway)"
+        )
+    else:
+        peak16 = matmul_peak_flops(torch.bfloat16)
+        print(
+            f"matmul peak (median of 3 mm 4096x4096): fp32 {peak32 / 1e9:.1f} GFLOP/s, "
+            f"bf16 {peak16 / 1e9:.1f} GFLOP/s ({peak16 / peak32:.2f}x)"
+        )
+
+    base = {
+        "data": args.data,
+        "batch_size": args.batch_size,
+        "threads": args.threads,
+        "max_length": args.max_length,
+        "profile": args.profile,
+    }
+    if args.memory:
+        spec = {
+            **base,
+            "model": "gpt2-medium",
+            "precision": "fp32",
+            "grouped": False,
+            "checkpointing": True,
+            "longest": True,
+            "in_backward": not args.no_in_backward,
+            "steps": max(1, min(args.steps, 2)),
+        }
+        r = _child(spec)
+        s = r["s_per_step"]
+        step_s = sum(s.values())
+        how = "a plain AdamW step" if args.no_in_backward else "AdamW inside backward"
+        print(
+            f"gpt2-medium fp32, batch {args.batch_size}, activation checkpointing, {how}, "
+            f"the longest batches ({r['longest_batch_positions']} positions in the first):"
+        )
+        print(
+            f"  peak ru_maxrss {r['peak_rss_bytes'] / 1e9:.2f} GB (target <= 6.5), "
+            f"{step_s:.1f} s/step, {r['positions_per_s']:.0f} positions/s, MFU {r['mfu']:.1%}"
+        )
+        # An epoch's positions with the book's shuffled batches, at the measured rate.
+        epoch_positions = _epoch_positions(args)
+        print(
+            f"  a full epoch ({epoch_positions} positions, shuffled batches) would take about "
+            f"{epoch_positions / r['positions_per_s'] / 60:.0f} min at this rate"
+        )
+        return 0
+
+    models = ["gpt2"] if args.quick else args.models.split(",")
+    steps = 3 if args.quick else args.steps
+    print(
+        f"{'model':<22} {'prec':<5} {'batches':<9}{'pos/s':>9} {'sup/s':>9} {'pad':>6}"
+        f"  data/fwd/bwd/opt s      {'RSS GB':>6} {'MFU':>6} {'val loss':>8}"
+    )
+    results = []
+    for model in models:
+        for grouped in [b == "grouped" for b in args.batching.split(",")]:
+            for precision in args.precisions.split(","):
+                if precision == "bf16" and slow_bf16:
+                    continue
+                spec = {
+                    **base,
+                    "model": model,
+                    "precision": precision,
+                    "grouped": grouped,
+                    "steps": steps,
+                }
+                r = _child(spec)
+                results.append(r)
+                _print_row(r)
+    for model in models:
+        for grouped in (False, True):
+            pair = {
+                r["precision"]: r
+                for r in results
+                if r["model"] == model and r["grouped"] == grouped
+            }
+            if "fp32" in pair and "bf16" in pair:
+                a, b = pair["fp32"], pair["bf16"]
+                rel = abs(b["val_loss"] - a["val_loss"]) / a["val_loss"]
+                print(
+                    f"{model} {'grouped' if grouped else 'shuffled'}: bf16/fp32 supervised "
+                    f"tokens/s {b['supervised_per_s'] / a['supervised_per_s']:.2f}x; val loss "
+                    f"differs by {rel:.2%}"
+                )
+    return 0
+
+
+def _epoch_positions(args) -> int:
+    from instructune.data.dataset import tokenize_records
+    from instructune.data.records import load_records, split_records
+    from instructune.data.sampling import batch_order
+    from instructune.tokenization import load_tokenizer
+
+    tok = load_tokenizer("gpt2")
+    train, _, _ = split_records(load_records(args.data))
+    lengths = [min(len(i), args.max_length + 1) - 1 for i in tokenize_records(train, tok, "alpaca")]
+    return sum(
+        max(lengths[i] for i in b) * len(b)
+        for b in batch_order(lengths, args.batch_size, seed=123, epoch=0)
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

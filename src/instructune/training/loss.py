@@ -1,0 +1,172 @@
+"""The training loss: cross-entropy over supervised positions only, with the head fused in.
+
+The book computes logits for every position (B, T, V) and then ignores the ones whose target
+is -100. Here the output head runs only on the supervised rows of the final hidden states, in
+chunks, and each chunk's gradient is computed right away in the forward pass (softmax minus
+one-hot), so neither the full logits nor their softmax are ever kept for backward. For GPT-2
+medium at batch 8 x 1024 that is 1.6 GB of logits (and as much again for their gradient)
+replaced by one (chunk, V) buffer. The arithmetic is the same as the book's
+``F.cross_entropy(logits.flatten(0, 1), targets.flatten())`` up to float rounding.
+
+Losses are returned as a *sum* with the count of supervised tokens, so that the caller can
+divide by the global count of an optimizer step (gradient accumulation, several processes).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+IGNORE_INDEX = -100
+# Rows of logits per chunk: 512 x 50257 fp32 = 103 MB, big enough for efficient matmuls.
+DEFAULT_CHUNK_ROWS = 512
+
+
+def _chunk_loss_and_grad(
+    h: torch.Tensor, w: torch.Tensor, t: torch.Tensor, want_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Sum of -log p(t | h) for one chunk, and d(sum)/d(logits) when ``want_grad``."""
+    logits = torch.mm(h, w.t()).float()  # (n, V); softmax statistics in fp32
+    lse = torch.logsumexp(logits, dim=-1)
+    target_logit = logits.gather(1, t.unsqueeze(1)).squeeze(1)
+    loss = (lse - target_logit).sum()
+    if not want_grad:
+        return loss, None
+    # softmax(logits) - onehot(t), computed in place on the logits buffer.
+    grad = logits.sub_(lse.unsqueeze(1)).exp_()
+    grad[torch.arange(t.numel(), device=t.device), t] -= 1.0
+    return loss, grad
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(hidden_i @ weight.T, targets_i), its gradients computed during forward.
+
+    ``grad_scale`` is the factor the caller will multiply the loss by (1 / token count). The
+    stored gradients are pre-multiplied by it through the small (N, D) operands, so backward
+    usually has nothing left to do; any other upstream gradient is still handled exactly.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_rows, compute_dtype, grad_scale):  # noqa: D102
+        w = weight.to(compute_dtype)
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_rows):
+            h = hidden[start : start + chunk_rows].to(compute_dtype)
+            loss, grad = _chunk_loss_and_grad(h, w, targets[start : start + chunk_rows], True)
+            total += loss
+            g = grad.to(compute_dtype)
+            grad_hidden[start : start + chunk_rows] = torch.mm(g, w).mul_(grad_scale)
+            gw = torch.mm(g.t(), h * grad_scale)  # (V, D); the scale rides on the small operand
+            if grad_weight is None:
+                grad_weight = gw.float()  # the first chunk allocates: no zero fill of (V, D)
+            else:
+                grad_weight += gw
+        if grad_weight is None:  # no supervised rows at all
+            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        ctx.grad_scale = grad_scale
+        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):  # noqa: D102
+        grad_hidden, grad_weight = ctx.saved_tensors
+        # The loss is a scalar, so its upstream gradient is one number; usually the one the
+        # gradients were already scaled by.
+        factor = float(grad_output) / ctx.grad_scale
+        if factor != 1.0:
+            grad_hidden, grad_weight = grad_hidden * factor, grad_weight * factor
+        return grad_hidden, grad_weight, None, None, None, None
+
+
+def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """The matmul dtype: the autocast dtype inside an autocast region, else the tensor's."""
+    device_type = tensor.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return tensor.dtype
+
+
+def linear_cross_entropy_sum(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    grad_scale: float = 1.0,
+) -> torch.Tensor:
+    """Sum over rows of ``cross_entropy(hidden @ weight.T, targets)``, chunked.
+
+    Args:
+        hidden: (N, D) hidden states of supervised positions only.
+        weight: (V, D) output head.
+        targets: (N,) token ids (no -100 here).
+        grad_scale: what the caller will multiply the sum by before ``backward`` (a hint
+            that saves a pass over the (V, D) gradient; any value gives correct gradients).
+    """
+    dtype = _compute_dtype(hidden)
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _FusedLinearCrossEntropy.apply(
+            hidden, weight, targets, chunk_rows, dtype, float(grad_scale) or 1.0
+        )
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    w = weight.to(dtype)
+    for start in range(0, hidden.shape[0], chunk_rows):
+        h = hidden[start : start + chunk_rows].to(dtype)
+        loss, _ = _chunk_loss_and_grad(h, w, targets[start : start + chunk_rows], False)
+        total += loss
+    return total
+
+
+def count_supervised(targets: torch.Tensor) -> int:
+    """Number of target positions that carry a loss (targets != -100)."""
+    return int((targets != IGNORE_INDEX).sum())
+
+
+def supervised_loss_sum(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    grad_scale: float = 1.0,
+) -> torch.Tensor:
+    """Summed token loss of a batch: the head and softmax only where targets != -100.
+
+    ``model`` must offer ``forward_hidden(input_ids)`` -> (B, T, D) and ``output_weight``
+    -> (V, D), as instructune's models do. ``grad_scale``: see ``linear_cross_entropy_sum``.
+    """
+    hidden = model.forward_hidden(inputs)  # (B, T, D)
+    mask = targets != IGNORE_INDEX
+    rows = hidden[mask]  # (N, D): positions that carry a loss
+    return linear_cross_entropy_sum(
+        rows, model.output_weight, targets[mask], chunk_rows=chunk_rows, grad_scale=grad_scale
+    )
+
+
+class SupervisedLoss(nn.Module):
+    """``model`` + the loss as one module, so DistributedDataParallel can wrap the pair.
+
+    ``forward(inputs, targets, grad_scale=1.0)`` returns the summed token loss; the caller
+    multiplies it by ``grad_scale`` (1 / supervised tokens of the step) before backward.
+    """
+
+    def __init__(self, model: nn.Module, *, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> None:
+        super().__init__()
+        self.model = model
+        self.chunk_rows = chunk_rows
+
+    def forward(
+        self, inputs: torch.Tensor, targets: torch.Tensor, grad_scale: float = 1.0
+    ) -> torch.Tensor:
+        return supervised_loss_sum(
+            self.model, inputs, targets, chunk_rows=self.chunk_rows, grad_scale=grad_scale
+        )
+
+
+def reference_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The book's loss (full logits, ignore_index=-100), as a sum: for tests and benchmarks."""
+    return nn.functional.cross_entropy(
+        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )

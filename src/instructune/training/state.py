@@ -1,0 +1,322 @@
+"""Training checkpoints: atomic, verified, pruned, and complete enough to resume bit for bit.
+
+A checkpoint is a directory ``checkpoints/step-000050/`` holding
+
+- ``model.safetensors``: the weights (tied tensors stored once),
+- ``optimizer.pt``: the optimizer (and gradient scaler) state, only in the newest checkpoint,
+- ``rng.pt``: the random states of Python, NumPy, torch and CUDA,
+- ``state.json``: the progress (step, epoch, batches done in the epoch, tokens seen, losses),
+- ``manifest.json``: size and sha256 of each of the files above, written last.
+
+It is written into a temporary directory and renamed into place, so a crash leaves either the
+old set or the new one. On load the manifest is checked; a checkpoint whose files are missing,
+truncated or altered is skipped with a warning, and the one before it is used. The data order
+needs no state: it is a pure function of (seed, epoch), so a resumed run recomputes it and
+skips the batches already done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from instructune.errors import InstructuneError
+from instructune.utils.io import atomic_write_json, sha256_file
+
+CHECKPOINT_DIR = "checkpoints"
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+RNG_FILE = "rng.pt"
+STATE_FILE = "state.json"
+MANIFEST_FILE = "manifest.json"
+BEST_FILE = "best.json"
+
+
+class CheckpointError(InstructuneError):
+    """No usable checkpoint (all missing or corrupt); the message says where it looked."""
+
+
+@dataclass
+class TrainProgress:
+    """Where training stands after ``step`` optimizer steps.
+
+    ``batches_done`` counts global batches finished in ``epoch``; with the pure batch order
+    that is all a resumed run needs to continue with the same data. ``tokens_seen`` counts
+    input positions as the book does (``input_batch.numel()``), padding included;
+    ``supervised_tokens`` counts targets that carry a loss.
+    """
+
+    step: int = 0
+    epoch: int = 0
+    batches_done: int = 0
+    tokens_seen: int = 0
+    supervised_tokens: int = 0
+    train_seconds: float = 0.0
+    last_train_loss: float | None = None
+    last_val_loss: float | None = None
+    best_val_loss: float | None = None
+    best_step: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainProgress:
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+
+# ---------------------------------------------------------------------------- random states
+
+
+def capture_rng() -> dict[str, Any]:
+    """Random states of Python, NumPy, torch (and CUDA when present), torch.load-safe."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(np.asarray(keys, dtype=np.int64)), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    """Undo :func:`capture_rng`."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------- writing
+
+
+def _step_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def _fsync_dir(path: Path) -> None:
+    if sys.platform.startswith("win"):
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_manifest(directory: Path, files: list[str]) -> None:
+    manifest = {
+        "format": "instructune-checkpoint/1",
+        "files": {
+            name: {
+                "size": (directory / name).stat().st_size,
+                "sha256": sha256_file(directory / name),
+            }
+            for name in files
+        },
+    }
+    atomic_write_json(directory / MANIFEST_FILE, manifest)
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save_checkpoint(
+    run_dir: str | os.PathLike,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    progress: TrainProgress,
+    scaler: Any = None,
+    keep: int = 2,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``run_dir/checkpoints/step-NNNNNN`` atomically, then prune to the last ``keep``.
+
+    The best checkpoint by validation loss is never pruned (``checkpoints/best.json`` names it);
+    optimizer state is kept only in the newest checkpoint.
+    """
+    from safetensors.torch import save_model
+
+    root = Path(run_dir) / CHECKPOINT_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / _step_name(progress.step)
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    files = [MODEL_FILE, RNG_FILE, STATE_FILE]
+    save_model(model, str(tmp / MODEL_FILE))
+    _torch_save(capture_rng(), tmp / RNG_FILE)
+    if optimizer is not None:
+        opt_state = {"optimizer": optimizer.state_dict()}
+        if scaler is not None:
+            opt_state["scaler"] = scaler.state_dict()
+        _torch_save(opt_state, tmp / OPTIMIZER_FILE)
+        files.append(OPTIMIZER_FILE)
+    atomic_write_json(tmp / STATE_FILE, {"progress": progress.to_dict(), **(extra or {})})
+    _write_manifest(tmp, files)  # last: a checkpoint without a manifest is incomplete
+    _fsync_dir(tmp)
+    if final.exists():  # the same step saved again (e.g. Ctrl-C right after a checkpoint)
+        old = root / f".old-{final.name}-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(root)
+    _update_best(root, final, progress)
+    prune_checkpoints(root, keep=keep)
+    return final
+
+
+def _update_best(root: Path, path: Path, progress: TrainProgress) -> None:
+    val = progress.last_val_loss
+    if val is None:
+        return
+    best_file = root / BEST_FILE
+    current = _read_json(best_file)
+    if (
+        current is None
+        or not (root / current.get("name", "")).is_dir()
+        or val < current["val_loss"]
+    ):
+        atomic_write_json(best_file, {"name": path.name, "step": progress.step, "val_loss": val})
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Checkpoint directories under ``run_dir/checkpoints``, oldest first."""
+    root = Path(run_dir) / CHECKPOINT_DIR
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def best_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint with the lowest validation loss, when one is recorded and still there."""
+    root = Path(run_dir) / CHECKPOINT_DIR
+    info = _read_json(root / BEST_FILE)
+    if info is None or not (root / info["name"]).is_dir():
+        return None
+    return root / info["name"]
+
+
+def prune_checkpoints(root: Path, *, keep: int) -> None:
+    """Keep the newest ``keep`` checkpoints and the best; optimizer state only in the newest."""
+    found = list_checkpoints(root.parent)
+    best = best_checkpoint(root.parent)
+    keep_set = set(found[-keep:])
+    if best is not None:
+        keep_set.add(best)
+    for path in found:
+        if path not in keep_set:
+            shutil.rmtree(path, ignore_errors=True)
+    for path in found[:-1]:
+        if path in keep_set and (path / OPTIMIZER_FILE).exists():
+            (path / OPTIMIZER_FILE).unlink()
+            files = [n for n in (MODEL_FILE, RNG_FILE, STATE_FILE) if (path / n).exists()]
+            _write_manifest(path, files)
+    for pattern in (".tmp-*", ".old-*"):  # left by a crash during a save
+        for stale in root.glob(pattern):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+def verify_checkpoint(path: str | os.PathLike) -> list[str]:
+    """Problems with a checkpoint directory (empty when its manifest matches every file)."""
+    path = Path(path)
+    manifest = _read_json(path / MANIFEST_FILE)
+    if manifest is None:
+        return [f"{path / MANIFEST_FILE} is missing or unreadable (the save did not finish)"]
+    problems = []
+    for name, info in manifest.get("files", {}).items():
+        file = path / name
+        if not file.is_file():
+            problems.append(f"{file} is missing")
+        elif file.stat().st_size != info["size"]:
+            problems.append(f"{file} has {file.stat().st_size} bytes, expected {info['size']}")
+        elif sha256_file(file) != info["sha256"]:
+            problems.append(f"{file} does not match its sha256 (corrupt)")
+    for name in (MODEL_FILE, STATE_FILE):
+        if name not in manifest.get("files", {}):
+            problems.append(f"{path} has no {name}")
+    return problems
+
+
+def latest_valid_checkpoint(run_dir: str | os.PathLike, *, warn=print) -> Path | None:
+    """The newest checkpoint that passes :func:`verify_checkpoint`; corrupt ones are reported."""
+    for path in reversed(list_checkpoints(run_dir)):
+        problems = verify_checkpoint(path)
+        if not problems:
+            return path
+        warn(f"warning: skipping checkpoint {path}: " + "; ".join(problems))
+    return None
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scaler: Any = None,
+    restore_random: bool = True,
+) -> tuple[TrainProgress, dict[str, Any]]:
+    """Load weights (and optimizer, scaler, RNG states) from a checkpoint directory.
+
+    Returns the progress and the rest of ``state.json``. When the checkpoint has no optimizer
+    state (an older one, used because the newest was corrupt) the optimizer starts afresh and
+    ``state["optimizer_restored"]`` is False.
+    """
+    from safetensors.torch import load_model
+
+    path = Path(path)
+    problems = verify_checkpoint(path)
+    if problems:
+        raise CheckpointError(f"checkpoint {path} is unusable: " + "; ".join(problems))
+    missing, unexpected = load_model(model, str(path / MODEL_FILE), strict=False)
+    if unexpected or missing:
+        raise CheckpointError(
+            f"checkpoint {path} does not fit the model: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}"
+        )
+    state = _read_json(path / STATE_FILE) or {}
+    state["optimizer_restored"] = False
+    if optimizer is not None and (path / OPTIMIZER_FILE).exists():
+        opt_state = torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(opt_state["optimizer"])
+        if scaler is not None and "scaler" in opt_state:
+            scaler.load_state_dict(opt_state["scaler"])
+        state["optimizer_restored"] = True
+    if restore_random and (path / RNG_FILE).exists():
+        restore_rng(torch.load(path / RNG_FILE, map_location="cpu", weights_only=True))
+    return TrainProgress.from_dict(state.get("progress", {})), state
