@@ -250,19 +250,7 @@ def bos_model_dir(fixtures, tmp_path):
     return out
 
 
-@pytest.mark.parametrize(
-    "style",
-    [
-        "alpaca",
-        pytest.param(
-            "chat",
-            marks=pytest.mark.xfail(
-                reason="generation.encode_prompt prepends BOS even when a chat template already "
-                "rendered it (tokenize_record does not); finetune's own answers avoid it"
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("style", ["alpaca", "chat"])
 def test_bos_appears_exactly_once_in_training_and_generation(
     bos_model_dir, fixtures, tmp_path, style
 ):

@@ -375,6 +375,34 @@ def test_held_back():
     assert _held_back("ok <|im", ["<|im_end|>", "<|user|>"]) == 4
 
 
+@pytest.mark.parametrize("style", ["alpaca", "chat"])
+def test_encode_prompt_gives_one_bos_and_the_ids_training_saw(fixtures, tmp_path, style):
+    import json
+    import shutil
+
+    from instructune.data.dataset import tokenize_record
+    from instructune.data.prompts import format_prompt
+    from instructune.generation import encode_prompt
+    from instructune.tokenization import load_tokenizer
+
+    tok_dir = tmp_path / "tok"
+    shutil.copytree(fixtures / "tiny-tokenizer", tok_dir)
+    config = json.loads((tok_dir / "tokenizer_config.json").read_text())
+    config["add_bos_token"] = True
+    (tok_dir / "tokenizer_config.json").write_text(json.dumps(config))
+    tokenizer = load_tokenizer(tok_dir)
+    bos = tokenizer.bos_id
+    record = {"instruction": "Name a colour.", "input": "", "output": "Blue."}
+    prompt = format_prompt(record, style, chat_template=tokenizer.chat_template)
+    # The chat template renders BOS (<|im_start|>) as text; alpaca's prompt has none.
+    assert (tokenizer.encode(prompt)[:1] == [bos]) == (style == "chat")
+
+    ids = encode_prompt(tokenizer, prompt)
+    assert ids[0] == bos and ids[1] != bos
+    assert ids == tokenize_record(record, tokenizer, style).ids[: len(ids)]
+    assert encode_prompt(tokenizer, prompt, add_bos=False) == tokenizer.encode(prompt)
+
+
 # ---------------------------------------------------------------------------------------------
 # The embedded SmolLM2-135M-Instruct (loads a 270 MB GGUF: marked, and kept to two tests)
 

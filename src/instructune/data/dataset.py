@@ -31,6 +31,22 @@ class TokenizedRecord:
         return len(self.ids)
 
 
+def encode_with_bos(tokenizer: Tokenizer, text: str, *, add_bos: bool | None = None) -> list[int]:
+    """``tokenizer.encode(text)`` starting with exactly one BOS when ``add_bos`` (default: the
+    tokenizer's ``add_bos``) and the tokenizer has a BOS id.
+
+    A chat template may render the BOS token as text, which ``encode`` maps to its id; then no
+    second one is prepended. Training (:func:`tokenize_record`) and generation
+    (``instructune.generation.encode_prompt``) both encode prompts with this, so a prompt's ids
+    are the same in both.
+    """
+    ids = list(tokenizer.encode(text))
+    add_bos = tokenizer.add_bos if add_bos is None else add_bos
+    if add_bos and tokenizer.bos_id is not None and ids[:1] != [tokenizer.bos_id]:
+        ids.insert(0, tokenizer.bos_id)
+    return ids
+
+
 def tokenize_record(
     record: Mapping[str, Any],
     tokenizer: Tokenizer,
@@ -46,13 +62,9 @@ def tokenize_record(
     if style == "chat" and chat_template is None:
         chat_template = tokenizer.chat_template
     prompt, response = format_example(record, style, chat_template=chat_template)
-    prompt_ids = tokenizer.encode(prompt)
-    if tokenizer.add_bos:
-        if tokenizer.bos_id is None:
-            raise ValueError(f"{tokenizer.name}: add_bos is set but bos_id is None")
-        # A chat template may render BOS text itself; keep exactly one.
-        if not (prompt_ids and prompt_ids[0] == tokenizer.bos_id):
-            prompt_ids = [tokenizer.bos_id, *prompt_ids]
+    if tokenizer.add_bos and tokenizer.bos_id is None:
+        raise ValueError(f"{tokenizer.name}: add_bos is set but bos_id is None")
+    prompt_ids = encode_with_bos(tokenizer, prompt)
     ids = prompt_ids + tokenizer.encode(response) + [tokenizer.eos_id]
     return TokenizedRecord(ids=ids, prompt_len=len(prompt_ids))
 

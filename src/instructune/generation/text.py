@@ -9,6 +9,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from instructune.data.dataset import encode_with_bos
 from instructune.generation.base import (
     ContextLengthError,
     FinishReason,
@@ -20,13 +21,10 @@ _REPLACEMENT = "\ufffd"  # what a decoder yields for an incomplete multi-byte ch
 
 
 def encode_prompt(tokenizer: Any, prompt: str, *, add_bos: bool | None = None) -> list[int]:
-    """The ids the model sees for ``prompt``: BOS first when ``add_bos`` (default: the
-    tokenizer's ``add_bos``) and the tokenizer has one."""
-    ids = list(tokenizer.encode(prompt))
-    add_bos = tokenizer.add_bos if add_bos is None else add_bos
-    if add_bos and tokenizer.bos_id is not None:
-        ids.insert(0, tokenizer.bos_id)
-    return ids
+    """The ids the model sees for ``prompt``: BOS first, once, when ``add_bos`` (default: the
+    tokenizer's ``add_bos``) and the tokenizer has one. A BOS that a chat template already
+    rendered as text is not doubled, as in training (``data.dataset.encode_with_bos``)."""
+    return encode_with_bos(tokenizer, prompt, add_bos=add_bos)
 
 
 def _fit_context(

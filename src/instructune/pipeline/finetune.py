@@ -1,188 +1,27 @@
-"""The book's chapter 7 as one job: data -> model -> train -> answer the test split -> evaluate.
-
-``run_finetune(cfg)`` writes into ``cfg.out``:
-
-- the model (``save_model``: config.json, model.safetensors, tokenizer files,
-  generation_config.json, instructune.json with the prompt format),
-- ``metrics.jsonl`` (see ``instructune.training.metrics``), ``loss.png`` and ``loss.pdf``,
-- ``responses.json``: the test records, each with ``model_response`` (the book's format),
-- ``run.json``: every setting, library versions, timings, peak memory and the results,
-- ``checkpoints/``: training checkpoints (``--resume`` continues from the newest valid one),
-- ``scores.json`` and the evaluation report (when the evaluation module is installed).
-"""
+"""``run_finetune(cfg)``: the chapter-7 job end to end (see :mod:`instructune.pipeline`)."""
 
 from __future__ import annotations
 
-import os
 import random
-import shutil
-import sys
 import time
-import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from instructune.config import FinetuneConfig
-from instructune.errors import InstructuneError
+from instructune.pipeline.data import build_loop_data, load_splits
+from instructune.pipeline.messages import _info, _warn
+from instructune.pipeline.model import load_for_training, resolve_precision
+from instructune.pipeline.outputs import answer_test_split, evaluate_outputs, prompt_ids
+from instructune.pipeline.run_dir import (
+    METRICS_FILE,
+    RESPONSES_FILE,
+    RUN_FILE,
+    RunDirError,
+    _read_run_json,
+    prepare_run_dir,
+)
 from instructune.utils.io import atomic_write_json
-
-RUN_FILE = "run.json"
-METRICS_FILE = "metrics.jsonl"
-RESPONSES_FILE = "responses.json"
-# What --overwrite removes before a fresh run (other outputs are replaced atomically).
-_RUN_STATE = ("checkpoints", METRICS_FILE, RUN_FILE, RESPONSES_FILE)
-
-
-class RunDirError(InstructuneError):
-    """The output directory is in the way (exists without --overwrite, or nothing to resume)."""
-
-
-def _info(quiet: bool) -> Callable[[str], None]:
-    def log(message: str) -> None:
-        if not quiet:
-            print(message, flush=True)
-
-    return log
-
-
-def _warn(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-# ---------------------------------------------------------------------------- run directory
-
-
-def prepare_run_dir(out: Path, *, overwrite: bool, resume: bool) -> None:
-    """Refuse to touch an existing non-empty directory unless --overwrite (or --resume)."""
-    if resume:
-        if not (out / RUN_FILE).exists():
-            raise RunDirError(f"{out} holds no {RUN_FILE}: there is no run to resume there")
-        return
-    if out.exists() and not out.is_dir():
-        raise RunDirError(f"{out} exists and is not a directory")
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise RunDirError(
-                f"{out} already exists and is not empty; pass --overwrite to replace its run, "
-                f"--resume {out} to continue it, or choose another --out"
-            )
-        for name in _RUN_STATE:
-            path = out / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-
-
-def load_run_config(run_dir: str | os.PathLike) -> FinetuneConfig:
-    """The settings a run was started with (from its run.json), for ``--resume``."""
-    import json
-
-    path = Path(run_dir) / RUN_FILE
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise RunDirError(f"cannot read {path} to resume the run: {exc}") from None
-    cfg = FinetuneConfig.from_dict(data.get("config", {}), source=str(path))
-    cfg.out = str(run_dir)
-    return cfg
-
-
-# ---------------------------------------------------------------------------- data
-
-
-def load_splits(cfg: FinetuneConfig) -> tuple[list[dict], list[dict], list[dict]]:
-    """(train, val, test) records: the book's 85/10/5 split, or separate val/test files."""
-    from instructune.data.records import split_records
-    from instructune.data.sources import load_source
-
-    def load(source: str) -> list[dict]:
-        records = load_source(source)
-        for issue in getattr(records, "warnings", []):
-            _warn(f"warning: {issue}")
-        return list(records)
-
-    if cfg.val_data is None and cfg.test_data is None:
-        train, test, val = split_records(load(cfg.data), shuffle_seed=cfg.split_shuffle_seed)
-    else:
-        train = load(cfg.data)
-        val = load(cfg.val_data) if cfg.val_data else []
-        test = load(cfg.test_data) if cfg.test_data else []
-    return list(train), list(val), list(test)
-
-
-# ---------------------------------------------------------------------------- model
-
-
-def parse_overrides(text: str) -> dict[str, Any]:
-    """``"n_layers=2,emb_dim=64,qkv_bias=false"`` -> a dict of typed values."""
-    out: dict[str, Any] = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        if "=" not in part:
-            raise InstructuneError(f"model override {part!r} is not NAME=VALUE")
-        key, value = (s.strip() for s in part.split("=", 1))
-        lowered = value.lower()
-        if lowered in ("true", "false"):
-            out[key] = lowered == "true"
-        elif lowered in ("none", "null"):
-            out[key] = None
-        else:
-            for cast in (int, float):
-                try:
-                    out[key] = cast(value)
-                    break
-                except ValueError:
-                    continue
-            else:
-                out[key] = value
-    return out
-
-
-def load_for_training(cfg: FinetuneConfig, device):
-    """``load_model`` for the run; with ``model_overrides`` a smaller random model of that name.
-
-    Returns a LoadedModel-like object (model, tokenizer, config, prompt_format, source).
-    """
-    import torch
-
-    from instructune.checkpoints import load_model
-
-    if not cfg.model_overrides:
-        return load_model(cfg.model, init=cfg.init, device=device, dtype=torch.float32)
-    if cfg.init != "random":
-        raise InstructuneError(
-            "model_overrides change the model's shape, so they need --init random "
-            f"(got --init {cfg.init} for {cfg.model})"
-        )
-    from instructune.models import build_model, get_config
-
-    model_cfg = get_config(cfg.model, **cfg.model_overrides)
-    if model_cfg.arch == "gpt2":
-        from instructune.tokenization import load_tokenizer
-
-        tokenizer = load_tokenizer("gpt2")
-    else:  # the tokenizer of the full-size model of that name
-        tokenizer = load_model(cfg.model, init="random", device="meta").tokenizer
-    model = build_model(model_cfg, device=device, dtype=torch.float32)
-    return types.SimpleNamespace(
-        model=model, tokenizer=tokenizer, config=model_cfg, prompt_format=None, source=cfg.model
-    )
-
-
-def resolve_precision(precision: str, device) -> str:
-    """auto -> fp32 on CPU/MPS (the book's numbers), bf16 on CUDA that has it, else fp16."""
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        import torch
-
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "fp32"
-
-
-# ---------------------------------------------------------------------------- the job
 
 
 def _seed_everything(seed: int) -> None:
@@ -203,51 +42,6 @@ def _peak_memory(device) -> dict[str, Any]:
     if device.type == "cuda":
         out["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
     return out
-
-
-def build_loop_data(
-    cfg: FinetuneConfig,
-    tokenizer,
-    style: str,
-    train_records: list[dict],
-    val_records: list[dict],
-    world_size: int = 1,
-):
-    """Tokenise once and describe the batches: the loop's ``LoopData``.
-
-    One optimizer step takes a global batch of ``batch_size x grad_accum x world_size``
-    records from the pure ``batch_order`` (shuffled, or length-grouped; the last incomplete
-    batch dropped, as the book's ``drop_last=True``); validation batches are in file order.
-    """
-    from instructune.data.collate import make_collate
-    from instructune.data.dataset import tokenize_records
-    from instructune.data.sampling import batch_order
-    from instructune.training.loop import LoopData
-
-    train_items = tokenize_records(train_records, tokenizer, style)
-    val_items = tokenize_records(val_records, tokenizer, style)
-    collate = make_collate(
-        pad_id=tokenizer.pad_id, max_length=cfg.max_length, mask_prompt=cfg.mask_instructions
-    )
-    lengths = [len(item) for item in train_items]
-    global_batch = cfg.batch_size * cfg.grad_accum * world_size
-
-    def order(epoch: int) -> list[list[int]]:
-        return batch_order(
-            lengths,
-            global_batch,
-            seed=cfg.seed,
-            epoch=epoch,
-            shuffle=True,
-            group_by_length=cfg.group_by_length,
-            drop_last=True,
-        )
-
-    val_lengths = [len(i) for i in val_items]
-    val_batches = batch_order(
-        val_lengths, cfg.batch_size, seed=cfg.seed, shuffle=False, drop_last=False
-    )
-    return LoopData(train_items, val_items, collate, order, val_batches)
 
 
 def loop_settings(cfg: FinetuneConfig, *, precision: str, quiet: bool):
@@ -524,95 +318,3 @@ def run_finetune(
     summary["timings"] = run_info["timings"]
     say(f"done in {timings['total_s']:.0f} s: model, responses and metrics in {out}")
     return summary
-
-
-def _read_run_json(out: Path) -> dict[str, Any]:
-    import json
-
-    try:
-        return json.loads((out / RUN_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-
-
-def prompt_ids(tokenizer, prompt: str) -> list[int]:
-    """Prompt ids as training saw them: BOS once when the tokenizer adds one (a chat template
-    may already have rendered it as text)."""
-    ids = list(tokenizer.encode(prompt))
-    if tokenizer.add_bos and tokenizer.bos_id is not None and ids[:1] != [tokenizer.bos_id]:
-        ids.insert(0, tokenizer.bos_id)
-    return ids
-
-
-def answer_test_split(
-    model,
-    tokenizer,
-    records: list[dict],
-    *,
-    style: str,
-    prompt_format,
-    max_new_tokens: int,
-    batch_size: int,
-    out_path: Path,
-    limit: int | None = None,
-    quiet: bool = False,
-) -> tuple[list[dict], dict[str, int]]:
-    """Greedy answers for the test records (the book's 7.7), saved as responses.json.
-
-    Returns the records with ``model_response`` and a count of finish reasons
-    (``eos``: the model emitted its end token before ``max_new_tokens``).
-    """
-    from instructune.data.prompts import extract_response, format_prompt
-    from instructune.generation import generate
-
-    records = records[:limit] if limit is not None else records
-    prompts = [
-        prompt_ids(tokenizer, format_prompt(r, style, chat_template=tokenizer.chat_template))
-        for r in records
-    ]
-    results = []
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=len(prompts), desc="answering test split", unit="record", disable=quiet)
-    for start in range(0, len(prompts), batch_size):
-        results += generate(
-            model,
-            tokenizer,
-            prompts[start : start + batch_size],
-            max_new_tokens=max_new_tokens,
-            stop_ids=[tokenizer.eos_id],
-            stop_strings=prompt_format.stop_strings,
-            batch_size=batch_size,
-        )
-        bar.update(min(batch_size, len(prompts) - start))
-    bar.close()
-    out = []
-    finish: dict[str, int] = {}
-    for record, result in zip(records, results, strict=True):
-        out.append({**record, "model_response": extract_response(result.text, style)})
-        finish[result.finish_reason] = finish.get(result.finish_reason, 0) + 1
-    atomic_write_json(out_path, out, indent=4)
-    return out, finish
-
-
-def evaluate_outputs(
-    cfg: FinetuneConfig, responses: list[dict], out: Path, say: Callable[[str], None]
-) -> dict[str, Any] | None:
-    """Text metrics (and the judge when configured) via the evaluation module, if present."""
-    if not cfg.evaluate or not responses:
-        return None
-    try:
-        from instructune.evaluation import evaluate_responses
-    except ImportError:
-        say("evaluation skipped: instructune.evaluation.evaluate_responses is not available")
-        return None
-    try:
-        return evaluate_responses(
-            responses, out_dir=out, judge=cfg.judge, url=cfg.judge_url, quiet=cfg.quiet
-        )
-    except InstructuneError as exc:
-        if cfg.judge is None:
-            raise
-        # The judge is optional: keep the text metrics when it cannot be reached.
-        _warn(f"warning: the judge failed ({exc}); scoring with text metrics only")
-        return evaluate_responses(responses, out_dir=out, judge=None, quiet=cfg.quiet)

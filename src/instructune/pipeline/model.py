@@ -1,0 +1,75 @@
+"""The model to train: ``load_model``, or a smaller random one, and the precision to train in."""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+from instructune.config import FinetuneConfig
+from instructune.errors import InstructuneError
+
+
+def parse_overrides(text: str) -> dict[str, Any]:
+    """``"n_layers=2,emb_dim=64,qkv_bias=false"`` -> a dict of typed values."""
+    out: dict[str, Any] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        if "=" not in part:
+            raise InstructuneError(f"model override {part!r} is not NAME=VALUE")
+        key, value = (s.strip() for s in part.split("=", 1))
+        lowered = value.lower()
+        if lowered in ("true", "false"):
+            out[key] = lowered == "true"
+        elif lowered in ("none", "null"):
+            out[key] = None
+        else:
+            for cast in (int, float):
+                try:
+                    out[key] = cast(value)
+                    break
+                except ValueError:
+                    continue
+            else:
+                out[key] = value
+    return out
+
+
+def load_for_training(cfg: FinetuneConfig, device):
+    """``load_model`` for the run; with ``model_overrides`` a smaller random model of that name.
+
+    Returns a LoadedModel-like object (model, tokenizer, config, prompt_format, source).
+    """
+    import torch
+
+    from instructune.checkpoints import load_model
+
+    if not cfg.model_overrides:
+        return load_model(cfg.model, init=cfg.init, device=device, dtype=torch.float32)
+    if cfg.init != "random":
+        raise InstructuneError(
+            "model_overrides change the model's shape, so they need --init random "
+            f"(got --init {cfg.init} for {cfg.model})"
+        )
+    from instructune.models import build_model, get_config
+
+    model_cfg = get_config(cfg.model, **cfg.model_overrides)
+    if model_cfg.arch == "gpt2":
+        from instructune.tokenization import load_tokenizer
+
+        tokenizer = load_tokenizer("gpt2")
+    else:  # the tokenizer of the full-size model of that name
+        tokenizer = load_model(cfg.model, init="random", device="meta").tokenizer
+    model = build_model(model_cfg, device=device, dtype=torch.float32)
+    return types.SimpleNamespace(
+        model=model, tokenizer=tokenizer, config=model_cfg, prompt_format=None, source=cfg.model
+    )
+
+
+def resolve_precision(precision: str, device) -> str:
+    """auto -> fp32 on CPU/MPS (the book's numbers), bf16 on CUDA that has it, else fp16."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        import torch
+
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
