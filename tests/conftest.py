@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -28,6 +30,17 @@ def shared_data() -> Path:
 @pytest.fixture
 def fixtures() -> Path:
     return FIXTURES
+
+
+@pytest.fixture
+def bos_tokenizer_dir(tmp_path) -> Path:
+    """A copy of ``fixtures/tiny-tokenizer`` set to add a beginning-of-sequence token."""
+    tok_dir = tmp_path / "tok"
+    shutil.copytree(FIXTURES / "tiny-tokenizer", tok_dir)
+    config = json.loads((tok_dir / "tokenizer_config.json").read_text())
+    config["add_bos_token"] = True
+    (tok_dir / "tokenizer_config.json").write_text(json.dumps(config))
+    return tok_dir
 
 
 @pytest.fixture(autouse=True)

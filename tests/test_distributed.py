@@ -10,31 +10,16 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import tiny_finetune_args
 
 from instructune.training.metrics import read_metrics
-
-FIXTURES = Path(__file__).parent / "fixtures"
-TINY_GPT2 = "n_layers=2,emb_dim=32,n_heads=2,hidden_dim=64,context_length=128"
 
 pytestmark = pytest.mark.slow
 
 
 def common(out: Path) -> list[str]:
-    return [
-        "finetune",
-        "--model",
-        "gpt2",
-        "--init",
-        "random",
-        "--model-overrides",
-        TINY_GPT2,
-        "--data",
-        str(FIXTURES / "instructions-40.json"),
-        "--out",
-        str(out),
-        "--threads",
-        "1",
-        "--quiet",
+    return tiny_finetune_args(
+        out,
         "--epochs",
         "2",
         "--lr",
@@ -52,7 +37,7 @@ def common(out: Path) -> list[str]:
         "--test-limit",
         "2",
         "--no-evaluate",
-    ]
+    )
 
 
 def free_port() -> int:

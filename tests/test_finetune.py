@@ -6,28 +6,14 @@ import json
 import shutil
 
 import pytest
+from helpers import tiny_finetune_args
 
 from instructune.cli.main import main
 
-TINY_GPT2 = "n_layers=2,emb_dim=32,n_heads=2,hidden_dim=64,context_length=128"
 
-
-def tiny_args(fixtures, out, *extra: str) -> list[str]:
-    return [
-        "finetune",
-        "--model",
-        "gpt2",
-        "--init",
-        "random",
-        "--model-overrides",
-        TINY_GPT2,
-        "--data",
-        str(fixtures / "instructions-40.json"),
-        "--out",
-        str(out),
-        "--threads",
-        "1",
-        "--quiet",
+def tiny_args(out, *extra: str) -> list[str]:
+    return tiny_finetune_args(
+        out,
         "--batch-size",
         "4",
         "--epochs",
@@ -45,17 +31,14 @@ def tiny_args(fixtures, out, *extra: str) -> list[str]:
         "--lr",
         "1e-3",
         *extra,
-    ]
+    )
 
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     """One complete tiny run, shared by the tests that only read its outputs."""
-    from pathlib import Path
-
-    fixtures = Path(__file__).parent / "fixtures"
     out = tmp_path_factory.mktemp("run") / "out"
-    assert main(tiny_args(fixtures, out)) == 0
+    assert main(tiny_args(out)) == 0
     return out
 
 
@@ -127,7 +110,7 @@ def test_a_finished_run_is_a_model_for_a_second_stage(finished_run, fixtures, tm
     assert loaded.prompt_format.style == "alpaca"
     assert loaded.config.n_layers == 2 and loaded.config.emb_dim == 32
     stage2 = tmp_path / "stage2"
-    args = tiny_args(fixtures, stage2, "--max-steps", "2")
+    args = tiny_args(stage2, "--max-steps", "2")
     i = args.index("--model")
     args[i + 1] = str(finished_run)
     for flag in ("--init", "--model-overrides"):  # the directory is a pretrained model now
@@ -147,7 +130,7 @@ def test_phi3_style_travels_with_the_model(fixtures, tmp_path):
     from instructune.generation import answer_records
 
     out = tmp_path / "phi3"
-    assert main(tiny_args(fixtures, out, "--style", "phi3", "--max-steps", "1")) == 0
+    assert main(tiny_args(out, "--style", "phi3", "--max-steps", "1")) == 0
     assert json.loads((out / "instructune.json").read_text())["style"] == "phi3"
     loaded = load_model(out)
     records = json.loads(tiny_fixture_path().read_text())[:3]
@@ -164,10 +147,10 @@ def test_existing_dir_is_not_overwritten_without_flag(finished_run, fixtures, tm
     out = tmp_path / "copy"
     shutil.copytree(finished_run, out)
     before = (out / "model.safetensors").read_bytes()
-    assert main(tiny_args(fixtures, out, "--max-steps", "1")) == 1
+    assert main(tiny_args(out, "--max-steps", "1")) == 1
     assert "--overwrite" in capsys.readouterr().err
     assert (out / "model.safetensors").read_bytes() == before
-    assert main(tiny_args(fixtures, out, "--max-steps", "1", "--overwrite")) == 0
+    assert main(tiny_args(out, "--max-steps", "1", "--overwrite")) == 0
     run = json.loads((out / "run.json").read_text())
     assert run["results"]["steps"] == 1
     assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-000001"]
@@ -219,7 +202,7 @@ def test_embedded_model_fine_tunes_and_its_validation_loss_falls(fixtures, tmp_p
 
 
 @pytest.fixture
-def bos_model_dir(fixtures, tmp_path):
+def bos_model_dir(bos_tokenizer_dir, tmp_path):
     """A tiny random Llama saved with a tokenizer that adds a beginning-of-sequence token."""
     import torch
 
@@ -227,12 +210,7 @@ def bos_model_dir(fixtures, tmp_path):
     from instructune.models import build_model, get_config
     from instructune.tokenization import load_tokenizer
 
-    tok_dir = tmp_path / "tok"
-    shutil.copytree(fixtures / "tiny-tokenizer", tok_dir)
-    config = json.loads((tok_dir / "tokenizer_config.json").read_text())
-    config["add_bos_token"] = True
-    (tok_dir / "tokenizer_config.json").write_text(json.dumps(config))
-    tokenizer = load_tokenizer(tok_dir)
+    tokenizer = load_tokenizer(bos_tokenizer_dir)
     assert tokenizer.add_bos and tokenizer.bos_id is not None
     torch.manual_seed(0)
     cfg = get_config(
@@ -318,7 +296,7 @@ def test_unreachable_judge_falls_back_to_text_metrics(fixtures, tmp_path, capsys
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = tmp_path / "judged"
-    args = tiny_args(fixtures, out, "--max-steps", "1", "--judge", "ollama:llama3",
+    args = tiny_args(out, "--max-steps", "1", "--judge", "ollama:llama3",
                      "--judge-url", f"http://127.0.0.1:{port}")  # fmt: skip
     assert main(args) == 0
     assert "the judge failed" in capsys.readouterr().err

@@ -376,21 +376,13 @@ def test_held_back():
 
 
 @pytest.mark.parametrize("style", ["alpaca", "chat"])
-def test_encode_prompt_gives_one_bos_and_the_ids_training_saw(fixtures, tmp_path, style):
-    import json
-    import shutil
-
+def test_encode_prompt_gives_one_bos_and_the_ids_training_saw(bos_tokenizer_dir, style):
     from instructune.data.dataset import tokenize_record
     from instructune.data.prompts import format_prompt
     from instructune.generation import encode_prompt
     from instructune.tokenization import load_tokenizer
 
-    tok_dir = tmp_path / "tok"
-    shutil.copytree(fixtures / "tiny-tokenizer", tok_dir)
-    config = json.loads((tok_dir / "tokenizer_config.json").read_text())
-    config["add_bos_token"] = True
-    (tok_dir / "tokenizer_config.json").write_text(json.dumps(config))
-    tokenizer = load_tokenizer(tok_dir)
+    tokenizer = load_tokenizer(bos_tokenizer_dir)
     bos = tokenizer.bos_id
     record = {"instruction": "Name a colour.", "input": "", "output": "Blue."}
     prompt = format_prompt(record, style, chat_template=tokenizer.chat_template)

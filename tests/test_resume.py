@@ -11,31 +11,16 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import tiny_finetune_args
 
 from instructune.training.metrics import read_metrics, without_timings
-
-FIXTURES = Path(__file__).parent / "fixtures"
-TINY_GPT2 = "n_layers=2,emb_dim=32,n_heads=2,hidden_dim=64,context_length=128"
 
 pytestmark = pytest.mark.slow
 
 
 def args_for(out: Path) -> list[str]:
-    return [
-        "finetune",
-        "--model",
-        "gpt2",
-        "--init",
-        "random",
-        "--model-overrides",
-        TINY_GPT2,
-        "--data",
-        str(FIXTURES / "instructions-40.json"),
-        "--out",
-        str(out),
-        "--threads",
-        "1",
-        "--quiet",
+    return tiny_finetune_args(
+        out,
         "--batch-size",
         "4",
         "--epochs",
@@ -53,7 +38,7 @@ def args_for(out: Path) -> list[str]:
         "--test-limit",
         "1",
         "--no-evaluate",
-    ]
+    )
 
 
 def start(args: list[str], log: Path) -> subprocess.Popen:

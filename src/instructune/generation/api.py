@@ -6,7 +6,7 @@ by length and decodes them in batches, ``stream`` yields one prompt's text as it
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -35,6 +35,9 @@ class _Setup:
     stop_ids: set[int]
     stop_strings: list[str]
     context_length: int | None
+    max_new_tokens: int
+    context: str
+    stop_check: Callable[[int, list[int]], bool] | None
 
 
 def _setup(
@@ -60,7 +63,53 @@ def _setup(
     if isinstance(stop_strings, str):
         stop_strings = [stop_strings]
     stops = [s for s in (stop_strings or []) if s]
-    return _Setup(_Sampler(temperature, top_k, top_p), set(stop_ids), stops, _context_length(model))
+    return _Setup(
+        _Sampler(temperature, top_k, top_p),
+        set(stop_ids),
+        stops,
+        _context_length(model),
+        max_new_tokens,
+        context,
+        _stop_checker(tokenizer, stops),
+    )
+
+
+def _prompt_ids(
+    tokenizer: Any, prompt: str | Sequence[int], index: int, setup: _Setup
+) -> list[int]:
+    """Encode ``prompt`` (a string gets BOS when the tokenizer adds one) and fit the context."""
+    ids = encode_prompt(tokenizer, prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+    return _fit_context(
+        ids,
+        index=index,
+        context_length=setup.context_length,
+        max_new_tokens=setup.max_new_tokens,
+        context=setup.context,
+        bos_id=tokenizer.bos_id if tokenizer.add_bos else None,
+    )
+
+
+def _decoder(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    setup: _Setup,
+    prompts: list[list[int]],
+    generators: list[torch.Generator],
+    use_cache: bool,
+) -> _BatchDecoder:
+    """The decoding loop for one batch of encoded prompts, configured by ``setup``."""
+    return _BatchDecoder(
+        model,
+        prompts,
+        max_new_tokens=setup.max_new_tokens,
+        sampler=setup.sampler,
+        generators=generators,
+        stop_ids=setup.stop_ids,
+        pad_id=tokenizer.pad_id,
+        vocab_limit=tokenizer.vocab_size,
+        use_cache=use_cache,
+        stop_check=setup.stop_check,
+    )
 
 
 def generate(
@@ -120,37 +169,22 @@ def generate(
         stop_strings=stop_strings,
         context=context,
     )
-    encoded = [
-        _fit_context(
-            encode_prompt(tokenizer, p) if isinstance(p, str) else [int(t) for t in p],
-            index=i,
-            context_length=setup.context_length,
-            max_new_tokens=max_new_tokens,
-            context=context,
-            bos_id=tokenizer.bos_id if tokenizer.add_bos else None,
-        )
-        for i, p in enumerate(prompts)
-    ]
+    encoded = [_prompt_ids(tokenizer, p, i, setup) for i, p in enumerate(prompts)]
     device, _ = _model_device_dtype(model)
     generators = _generators(seed, len(encoded), device) if not setup.sampler.greedy else []
     # Longest first: similar lengths share a batch, and memory trouble shows up at once.
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     results: list[GenerationResult | None] = [None] * len(encoded)
-    check = _stop_checker(tokenizer, setup.stop_strings)
     with _eval_mode(model):
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
-            decoder = _BatchDecoder(
+            decoder = _decoder(
                 model,
+                tokenizer,
+                setup,
                 [encoded[i] for i in batch],
-                max_new_tokens=max_new_tokens,
-                sampler=setup.sampler,
-                generators=[generators[i] for i in batch] if generators else [],
-                stop_ids=setup.stop_ids,
-                pad_id=tokenizer.pad_id,
-                vocab_limit=tokenizer.vocab_size,
-                use_cache=use_cache,
-                stop_check=check,
+                [generators[i] for i in batch] if generators else [],
+                use_cache,
             )
             while not decoder.done:
                 decoder.step()
@@ -197,27 +231,10 @@ def stream(
         stop_strings=stop_strings,
         context=context,
     )
-    ids = _fit_context(
-        encode_prompt(tokenizer, prompt) if isinstance(prompt, str) else [int(t) for t in prompt],
-        index=0,
-        context_length=setup.context_length,
-        max_new_tokens=max_new_tokens,
-        context=context,
-        bos_id=tokenizer.bos_id if tokenizer.add_bos else None,
-    )
+    ids = _prompt_ids(tokenizer, prompt, 0, setup)
     device, _ = _model_device_dtype(model)
-    decoder = _BatchDecoder(
-        model,
-        [ids],
-        max_new_tokens=max_new_tokens,
-        sampler=setup.sampler,
-        generators=_generators(seed, 1, device) if not setup.sampler.greedy else [],
-        stop_ids=setup.stop_ids,
-        pad_id=tokenizer.pad_id,
-        vocab_limit=tokenizer.vocab_size,
-        use_cache=use_cache,
-        stop_check=_stop_checker(tokenizer, setup.stop_strings),
-    )
+    generators = _generators(seed, 1, device) if not setup.sampler.greedy else []
+    decoder = _decoder(model, tokenizer, setup, [ids], generators, use_cache)
     sent = ""
     with _eval_mode(model):
         while not decoder.done:

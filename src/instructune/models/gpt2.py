@@ -13,6 +13,7 @@ from instructune.models.layers import (
     KVCache,
     LayerNorm,
     build_attention_mask,
+    new_kv_cache,
     run_blocks,
 )
 
@@ -79,15 +80,8 @@ class GPT2Model(nn.Module):
             raise ValueError(
                 f"max_len {max_len} exceeds the context length {self.cfg.context_length}"
             )
-        ref = self.tok_emb.weight
-        return KVCache(
-            self.cfg.n_layers,
-            batch_size,
-            self.cfg.n_kv_heads,
-            max_len,
-            self.cfg.head_dim,
-            device=device or ref.device,
-            dtype=dtype or ref.dtype,
+        return new_kv_cache(
+            self.cfg, self.tok_emb.weight, batch_size, max_len, device=device, dtype=dtype
         )
 
     def forward_hidden(

@@ -7,12 +7,15 @@ KV key/value heads, hd head width, D model width.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
+
+if TYPE_CHECKING:
+    from instructune.models.config import ModelConfig
 
 
 class LayerNorm(nn.Module):
@@ -188,6 +191,27 @@ class KVCache:
         out = buffer.new_empty((index.shape[0], *buffer.shape[1:]))
         torch.index_select(buffer[:, :, : self.length], 0, index, out=out[:, :, : self.length])
         return out
+
+
+def new_kv_cache(
+    cfg: ModelConfig,
+    ref: torch.Tensor,
+    batch_size: int,
+    max_len: int,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> KVCache:
+    """An empty ``KVCache`` sized for ``cfg``; device and dtype default to those of ``ref``."""
+    return KVCache(
+        cfg.n_layers,
+        batch_size,
+        cfg.n_kv_heads,
+        max_len,
+        cfg.head_dim,
+        device=device or ref.device,
+        dtype=dtype or ref.dtype,
+    )
 
 
 def build_attention_mask(

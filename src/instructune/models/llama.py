@@ -14,6 +14,7 @@ from instructune.models.layers import (
     RotaryEmbedding,
     SwiGLU,
     build_attention_mask,
+    new_kv_cache,
     run_blocks,
 )
 
@@ -77,15 +78,8 @@ class LlamaModel(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> KVCache:
         """An empty KV cache for ``batch_size`` sequences of up to ``max_len`` positions."""
-        ref = self.tok_emb.weight
-        return KVCache(
-            self.cfg.n_layers,
-            batch_size,
-            self.cfg.n_kv_heads,
-            max_len,
-            self.cfg.head_dim,
-            device=device or ref.device,
-            dtype=dtype or ref.dtype,
+        return new_kv_cache(
+            self.cfg, self.tok_emb.weight, batch_size, max_len, device=device, dtype=dtype
         )
 
     def forward_hidden(

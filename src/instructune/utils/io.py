@@ -6,22 +6,27 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half.
+@contextmanager
+def atomic_writer(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """Open a binary file whose contents replace ``path`` atomically when the block exits.
 
-    The bytes go to a temporary file in the same directory, are flushed and fsynced, and the
-    temporary file is renamed over ``path`` (an atomic operation on POSIX and Windows).
+    Writes go to a temporary file in the same directory. On a clean exit it is flushed,
+    fsynced, given the mode a plain ``open()`` would have, and renamed over ``path`` (atomic on
+    POSIX and Windows), so readers see the old file or the new one, never half. If the block
+    raises, the temporary file is removed and ``path`` is left untouched.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         # mkstemp creates files readable by their owner only; give the file the mode a plain
@@ -34,7 +39,13 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         except FileNotFoundError:
             pass
         raise
-    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half."""
+    with atomic_writer(path) as f:
+        f.write(data)
+    return Path(path)
 
 
 def _umask() -> int:
