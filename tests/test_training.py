@@ -328,6 +328,26 @@ def test_checkpoints_keep_last_k_and_best_with_optimizer_only_in_latest(tmp_path
     assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
 
 
+def test_a_kill_while_pruning_never_leaves_a_manifest_naming_a_missing_file(tmp_path, monkeypatch):
+    """Pruning drops the older checkpoint's optimizer state; a kill mid-way must not break it."""
+    model = tiny_model()
+    _checkpoint(tmp_path, model, 1)
+    write_manifest = state_mod._write_manifest
+
+    def killed_while_pruning(directory, files):
+        if directory.name.startswith("step-"):  # rewriting a finished checkpoint's manifest
+            raise KeyboardInterrupt
+        write_manifest(directory, files)
+
+    monkeypatch.setattr(state_mod, "_write_manifest", killed_while_pruning)
+    with pytest.raises(KeyboardInterrupt):
+        _checkpoint(tmp_path, model, 2)
+    monkeypatch.undo()
+    older = state_mod.list_checkpoints(tmp_path)[0]
+    assert older.name == "step-000001"
+    assert state_mod.verify_checkpoint(older) == []
+
+
 @pytest.mark.parametrize("damage", ["truncate", "flip", "no-manifest", "delete"])
 def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, damage, capsys):
     model = tiny_model()

@@ -241,9 +241,11 @@ def prune_checkpoints(root: Path, *, keep: int) -> None:
             shutil.rmtree(path, ignore_errors=True)
     for path in found[:-1]:
         if path in keep_set and (path / OPTIMIZER_FILE).exists():
-            (path / OPTIMIZER_FILE).unlink()
+            # Manifest first, then the file: a kill between the two leaves a complete, valid
+            # checkpoint (an unlisted optimizer file), never a manifest naming a missing file.
             files = [n for n in (MODEL_FILE, RNG_FILE, STATE_FILE) if (path / n).exists()]
             _write_manifest(path, files)
+            (path / OPTIMIZER_FILE).unlink()
     for pattern in (".tmp-*", ".old-*"):  # left by a crash during a save
         for stale in root.glob(pattern):
             shutil.rmtree(stale, ignore_errors=True)
@@ -311,7 +313,8 @@ def load_checkpoint(
         )
     state = _read_json(path / STATE_FILE) or {}
     state["optimizer_restored"] = False
-    if optimizer is not None and (path / OPTIMIZER_FILE).exists():
+    listed = (_read_json(path / MANIFEST_FILE) or {}).get("files", {})
+    if optimizer is not None and OPTIMIZER_FILE in listed:  # only files the manifest vouches for
         opt_state = torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
         optimizer.load_state_dict(opt_state["optimizer"])
         if scaler is not None and "scaler" in opt_state:
