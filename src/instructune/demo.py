@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+from instructune.training.metrics import read_metrics
+
 _START = time.perf_counter()
 
 
@@ -43,7 +45,7 @@ def summarize(out: Path, summary: dict, *, examples: int = 3) -> str:
     ]:
         if (out / name).exists():
             lines.append(f"  {name:<18} {what}")
-    evals = [r for r in _read_jsonl(out / "metrics.jsonl") if r.get("kind") == "eval"]
+    evals = [r for r in read_metrics(out / "metrics.jsonl") if r.get("kind") == "eval"]
     if evals:
         first, last = evals[0], evals[-1]
         lines.append(
@@ -68,16 +70,6 @@ def summarize(out: Path, summary: dict, *, examples: int = 3) -> str:
         )
     lines.append(f"total time {time.perf_counter() - _START:.0f} s (this process)")
     return "\n".join(lines)
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            continue
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:
