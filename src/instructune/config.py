@@ -1,125 +1,274 @@
-"""Every setting of a fine-tuning run, in one typed dataclass, with presets and YAML files.
+"""Every setting of a fine-tuning run, in one validated pydantic model, with presets and YAML.
 
-The order of precedence, lowest first: the dataclass defaults, a preset (``default`` or
+The order of precedence, lowest first: the model's defaults, a preset (``default`` or
 ``book``), a YAML file (``--config FILE.yaml``, which may name its own ``preset``), then the
 command-line flags. The CLI resolves all of this once; below it, code takes typed values.
-This module imports neither torch nor yaml at module level.
+
+Each setting is declared once, as a field with a ``description``: the same text is the flag's
+``--help`` (``instructune.cli.finetune`` builds the flags from the fields) and names the setting
+in error messages. Values are checked strictly (``batch_size: "8"`` or ``true`` is not an int)
+and unknown keys are errors that name the nearest known setting.
+
+This module imports neither torch nor yaml at module level (pydantic, yes: the CLI imports it
+only when the ``finetune`` sub-command is used).
 """
 
 from __future__ import annotations
 
-import dataclasses
+import difflib
 import os
-from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
 
 from instructune.errors import InstructuneError
 
 
 class ConfigError(InstructuneError, ValueError):
-    """A setting is unknown or has a value of the wrong type; the message names the source."""
+    """A setting is unknown or has a bad value; the message names the source and the setting."""
 
 
-@dataclass
-class FinetuneConfig:
+def _path_text(value: Any) -> Any:
+    """Paths are accepted where a path is meant, and stored as text (run.json, YAML)."""
+    return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+
+def _float_text(value: Any) -> Any:
+    """YAML 1.1 reads ``5e-5`` (no dot) as a string; take it as the number it means."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value  # pydantic then reports it as not a number
+    return value
+
+
+Text = Annotated[str, BeforeValidator(_path_text)]
+Real = Annotated[float, BeforeValidator(_float_text)]
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+class FinetuneConfig(BaseModel):
     """The settings of one ``instructune finetune`` run (the book's chapter 7 job).
 
     ``batch_size`` is the micro-batch of one process; one optimizer step sees
     ``batch_size * grad_accum * world_size`` records and divides the summed token losses by
-    the number of supervised tokens in all of them.
+    the number of supervised tokens in all of them. ``None`` means "not set" where a setting
+    allows it (each description says what happens then). Assigning an attribute validates it.
     """
 
+    # strict: no silent conversions (a bool is not an int, "8" is not 8); the few wanted ones
+    # (path -> text, "5e-5" -> float) are the validators above. protected_namespaces=(): the
+    # fields `model` and `model_overrides` are ours, not pydantic's `model_*` API.
+    model_config = ConfigDict(
+        extra="forbid", strict=True, validate_assignment=True, protected_namespaces=()
+    )
+
     # What to train, on what.
-    model: str = "smollm2-135m-instruct"  # registry name, hub id, directory or .gguf
-    init: str = "pretrained"  # "pretrained" or "random" (random: registry names, tests)
-    model_overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields (random)
-    data: str = "demo"  # data source: a file, a URL or a known name (book, alpaca, demo)
-    val_data: str | None = None  # separate validation file: then `data` is used whole
-    test_data: str | None = None  # separate test file
-    out: str = "runs/finetune"
-    style: str | None = None  # alpaca, phi3, chat; None: the model's saved style, else alpaca
-    mask_instructions: bool = False  # the book's exercise 7.2: no loss on the prompt
-    max_length: int | None = 1024  # the book's allowed_max_length
-    group_by_length: bool = False  # batches of similar lengths (less padding)
-    split_shuffle_seed: int | None = None  # shuffle before the 85/10/5 split (the book: none)
+    model: Text = Field(
+        "smollm2-135m-instruct",
+        description="registry name (gpt2, gpt2-medium, smollm2-135m-instruct...), hub id, "
+        "model directory or .gguf file",
+    )
+    init: Literal["pretrained", "random"] = Field(
+        "pretrained", description="start from the pretrained weights, or random ones (tests)"
+    )
+    model_overrides: dict[str, Any] = Field(
+        default_factory=dict,
+        description="model shape changes (ModelConfig fields), with --init random",
+    )
+    data: Text = Field(
+        "demo", description="training data: a .json/.jsonl file, a URL, or book, alpaca, demo"
+    )
+    val_data: Text | None = Field(
+        None, description="separate validation file (then --data is used whole); none: split"
+    )
+    test_data: Text | None = Field(
+        None, description="separate test file (then --data is used whole); none: split"
+    )
+    out: Text = Field("runs/finetune", description="output directory of the run")
+    style: Literal["alpaca", "phi3", "chat"] | None = Field(
+        None, description="prompt style; none: the model's saved style, else alpaca"
+    )
+    mask_instructions: bool = Field(
+        False, description="no loss on the prompt tokens (the book's exercise 7.2)"
+    )
+    max_length: int | None = Field(
+        None,
+        ge=2,
+        description="truncate sequences to this many tokens (the book's allowed_max_length); "
+        "none: the model's context length",
+    )
+    group_by_length: bool = Field(
+        False, description="batch records of similar lengths together (less padding)"
+    )
+    split_shuffle_seed: int | None = Field(
+        None,
+        description="shuffle the records with this seed before the 85/10/5 split; "
+        "none: no shuffle (the book)",
+    )
 
     # Optimisation.
-    epochs: int = 2
-    max_steps: int | None = None  # stop after this many optimizer steps (overrides epochs)
-    batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 5e-5
-    lr_schedule: str = "constant"  # constant (the book) or cosine
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    weight_decay: float = 0.1
-    grad_clip: float | None = None  # max global gradient norm; None: no clipping
-    precision: str = "auto"  # auto, fp32, bf16, fp16 (auto: fp32 on CPU, bf16 on CUDA)
-    activation_checkpointing: bool = False
-    optimizer_in_backward: bool = False  # AdamW per parameter during backward: no full grads
-    compile: bool = False
-    seed: int = 123
+    epochs: int = Field(2, ge=1, description="passes over the training split")
+    max_steps: int | None = Field(
+        None, ge=1, description="stop after this many optimizer steps (overrides --epochs)"
+    )
+    batch_size: int = Field(8, ge=1, description="records per micro-batch and process")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    lr: Real = Field(5e-5, gt=0, description="learning rate (AdamW)")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="learning-rate schedule: constant (the book) or cosine"
+    )
+    warmup_steps: int = Field(0, ge=0, description="optimizer steps of linear warm-up")
+    min_lr_ratio: Real = Field(
+        0.1, ge=0, le=1, description="the cosine schedule decays to lr times this"
+    )
+    weight_decay: Real = Field(0.1, ge=0, description="AdamW weight decay")
+    grad_clip: Real | None = Field(
+        None, gt=0, description="clip the global gradient norm to this value; none: no clipping"
+    )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: fp32 on CPU and MPS, bf16 on CUDA that has it, else fp16"
+    )
+    activation_checkpointing: bool = Field(
+        False, description="recompute activations in backward (less memory, slower)"
+    )
+    optimizer_in_backward: bool = Field(
+        False,
+        description="update each weight as its gradient is ready (less memory; "
+        "no --grad-accum)",
+    )
+    compile: bool = Field(False, description="torch.compile the model")
+    seed: int = Field(123, description="random seed (the book: 123)")
 
     # Machine.
-    device: str = "auto"  # auto, cpu, cuda, mps
-    threads: int | None = None  # torch.set_num_threads; None: torch's default
+    device: str = Field("auto", description="auto, cpu, cuda, mps, or one device (cuda:1)")
+    threads: int | None = Field(
+        None, ge=1, description="CPU threads (torch.set_num_threads); none: torch's default"
+    )
 
     # Watching and saving.
-    eval_every: int = 5  # optimizer steps between evaluations (the book: 5)
-    eval_batches: int = 5  # batches per train/val loss estimate (the book: 5)
-    checkpoint_every: int | None = None  # optimizer steps between checkpoints (and at the end)
-    keep: int = 2  # checkpoints kept (optimizer state only in the latest), plus the best
-    sample_every_epoch: bool = True  # print a generation for the first validation prompt
-    quiet: bool = False
-    overwrite: bool = False
+    eval_every: int = Field(5, ge=1, description="optimizer steps between loss evaluations")
+    eval_batches: int = Field(5, ge=1, description="batches per train/validation loss estimate")
+    checkpoint_every: int | None = Field(
+        None,
+        ge=1,
+        description="optimizer steps between checkpoints; none: only at the end (and on Ctrl-C)",
+    )
+    keep: int = Field(
+        2, ge=1, description="checkpoints kept (optimizer state only in the newest), plus the best"
+    )
+    sample_every_epoch: bool = Field(
+        True, description="print an answer to the first validation prompt after each epoch"
+    )
+    quiet: bool = Field(False, description="no progress bars; log lines only")
+    overwrite: bool = Field(False, description="replace an existing run in --out")
 
     # After training.
-    max_new_tokens: int = 256  # test-split answers (the book's 7.7: 256)
-    gen_batch_size: int = 16
-    test_limit: int | None = None  # answer only the first N test records (None: all)
-    evaluate: bool = True  # text metrics on the responses (and the judge when given)
-    judge: str | None = None  # "ollama:MODEL" or "openai:MODEL"
-    judge_url: str | None = None
+    max_new_tokens: int = Field(
+        256, ge=1, description="longest answer to a test prompt, in tokens (the book: 256)"
+    )
+    gen_batch_size: int = Field(16, ge=1, description="test prompts answered together")
+    test_limit: int | None = Field(
+        None, ge=0, description="answer only the first N test records; none: all"
+    )
+    evaluate: bool = Field(
+        True, description="score the answers (text metrics, and the judge when given)"
+    )
+    judge: str | None = Field(
+        None, description="ollama:MODEL or openai:MODEL to score the answers; none: no judge"
+    )
+    judge_url: str | None = Field(None, description="the judge server's URL")
 
-    def validate(self) -> FinetuneConfig:
-        """Check values that a type alone cannot; raise ConfigError naming the setting."""
-        checks = [
-            (self.init in ("pretrained", "random"), "init must be 'pretrained' or 'random'"),
-            (self.lr_schedule in ("constant", "cosine"), "lr_schedule must be constant|cosine"),
-            (
-                self.precision in ("auto", "fp32", "bf16", "fp16"),
-                "precision must be auto|fp32|bf16|fp16",
-            ),
-            (self.device in ("auto", "cpu", "cuda", "mps") or ":" in self.device, "bad device"),
-            (self.batch_size >= 1, "batch_size must be >= 1"),
-            (self.grad_accum >= 1, "grad_accum must be >= 1"),
-            (self.epochs >= 1, "epochs must be >= 1"),
-            (self.max_steps is None or self.max_steps >= 1, "max_steps must be >= 1"),
-            (self.lr > 0, "lr must be > 0"),
-            (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
-            (self.eval_every >= 1, "eval_every must be >= 1"),
-            (self.eval_batches >= 1, "eval_batches must be >= 1"),
-            (self.keep >= 1, "keep must be >= 1"),
-            (self.checkpoint_every is None or self.checkpoint_every >= 1, "checkpoint_every >= 1"),
-            (self.max_length is None or self.max_length >= 2, "max_length must be >= 2"),
-            (self.threads is None or self.threads >= 1, "threads must be >= 1"),
-            (self.style in (None, "alpaca", "phi3", "chat"), "style must be alpaca|phi3|chat"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(f"invalid setting: {message}")
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if value in DEVICES or ":" in value:
+            return value
+        raise ValueError(f"device must be {', '.join(DEVICES)} or TYPE:INDEX")
+
+    # No __init__ override: pydantic would call it inside model_validate and wrap a ConfigError
+    # raised there as a ValueError of its own. FinetuneConfig(...) raises pydantic's
+    # ValidationError (a ValueError); from_dict, apply_overrides and resolve_config raise
+    # ConfigError naming the source.
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        try:
+            super().__setattr__(name, value)
+        except ValidationError as exc:
+            raise ConfigError(explain(exc, source="settings")) from None
+
+    def validate(self) -> FinetuneConfig:  # type: ignore[override]
+        """Check every value again; raise ConfigError naming the setting. Returns ``self``."""
+        # Assignments are validated already; this also catches an object built without
+        # validation (model_construct) and keeps the call sites' contract.
+        _validated(self.to_dict(), source="settings")
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The settings as plain JSON/YAML-ready values."""
+        return self.model_dump()
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str = "settings") -> FinetuneConfig:
+        """The defaults with ``data`` applied (``source`` names where it came from in errors)."""
         return apply_overrides(cls(), data, source=source)
 
 
-# Presets hold only what differs from the dataclass defaults' meaning for that job.
+def nearest_setting(name: str) -> str:
+    """The known setting closest to an unknown ``name`` (for "did you mean" hints)."""
+    names = list(FinetuneConfig.model_fields)
+    key = name.lower().replace("-", "_")
+    # An abbreviation by initials (learning_rate -> lr) beats spelling similarity.
+    initials = "".join(word[0] for word in key.split("_") if word)
+    if len(initials) > 1 and initials in names:
+        return initials
+    return difflib.get_close_matches(key, names, n=1, cutoff=0.0)[0]
+
+
+def explain(exc: ValidationError, *, source: str) -> str:
+    """pydantic's errors as one line per problem, each naming the source and the setting."""
+    fields = FinetuneConfig.model_fields
+    lines = []
+    for error in exc.errors(include_url=False):
+        name = str(error["loc"][0]) if error["loc"] else ""
+        if error["type"] == "extra_forbidden":
+            lines.append(
+                f"{source}: unknown setting '{name}' "
+                f"(the nearest known setting is '{nearest_setting(name)}')"
+            )
+            continue
+        if error["type"] == "value_error":  # our validators' own words, without pydantic's tag
+            message = str(error["ctx"]["error"])
+        else:
+            message = error["msg"][:1].lower() + error["msg"][1:]
+        if name in fields:
+            lines.append(
+                f"{source}: setting '{name}' ({fields[name].description}): {message}, "
+                f"got {error['input']!r}"
+            )
+        else:
+            lines.append(f"{source}: {message}")
+    return "\n".join(lines)
+
+
+def _validated(data: dict[str, Any], *, source: str) -> FinetuneConfig:
+    try:
+        return FinetuneConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(explain(exc, source=source)) from None
+
+
+# Presets hold only what differs from the model's defaults' meaning for that job.
 # `default` is sized so that `make demo` (set-up included) finishes on a 2-core CPU in 15 min:
 # the embedded 135M model, the shipped demo data, short sequences and sparse evaluation.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -162,65 +311,24 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def _field_types() -> dict[str, str]:
-    return {f.name: str(f.type) for f in fields(FinetuneConfig)}
-
-
-def _coerce(name: str, value: Any, type_text: str, source: str) -> Any:
-    """Check (and gently convert, e.g. int -> float) one value against its annotated type."""
-    optional = "None" in type_text
-    if value is None:
-        if optional:
-            return None
-        raise ConfigError(f"{source}: setting '{name}' may not be empty")
-    base = type_text.replace("| None", "").strip()
-    if base == "bool":
-        if isinstance(value, bool):
-            return value
-    elif base == "int":
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif base == "float":
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "5e-5" as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif base == "str":
-        if isinstance(value, str):
-            return value
-        if isinstance(value, os.PathLike):
-            return os.fspath(value)
-    elif base.startswith("dict"):
-        if isinstance(value, dict):
-            return dict(value)
-    else:  # pragma: no cover - every field has one of the types above
-        return value
-    raise ConfigError(
-        f"{source}: setting '{name}' must be {base}, got {type(value).__name__} {value!r}"
-    )
-
-
 def apply_overrides(
     cfg: FinetuneConfig, overrides: dict[str, Any], *, source: str = "settings"
 ) -> FinetuneConfig:
-    """Return a copy of ``cfg`` with ``overrides`` applied; unknown names raise ConfigError."""
-    types = _field_types()
-    changes = {}
+    """A copy of ``cfg`` with ``overrides`` applied (``-`` in a name read as ``_``).
+
+    Raises ConfigError naming ``source`` and the setting for an unknown name (with the
+    nearest known one) or a bad value.
+    """
+    data = cfg.to_dict()
     for name, value in overrides.items():
-        key = name.replace("-", "_")
-        if key not in types:
-            close = [k for k in types if k.startswith(key[:4])]
-            hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise ConfigError(f"{source}: unknown setting '{name}'{hint}")
-        changes[key] = _coerce(key, value, types[key], source)
-    return dataclasses.replace(cfg, **changes)
+        key = str(name).replace("-", "_")
+        # An unknown name stays as written, so that the error quotes the user's spelling.
+        data[key if key in FinetuneConfig.model_fields else str(name)] = value
+    return _validated(data, source=source)
 
 
 def preset(name: str) -> FinetuneConfig:
-    """The named preset (``default`` or ``book``) applied to the dataclass defaults."""
+    """The named preset (``default`` or ``book``) applied to the model's defaults."""
     if name not in PRESETS:
         raise ConfigError(f"unknown preset '{name}'; choose one of {', '.join(PRESETS)}")
     return apply_overrides(FinetuneConfig(), PRESETS[name], source=f"preset '{name}'")
@@ -252,12 +360,17 @@ def resolve_config(
     config_file: str | os.PathLike | None = None,
     flags: dict[str, Any] | None = None,
 ) -> FinetuneConfig:
-    """Defaults, then a preset, then a YAML file, then flags (only those given, not None)."""
+    """Defaults, then a preset, then a YAML file, then flags (only those given)."""
     file_values: dict[str, Any] = {}
     if config_file is not None:
         file_values = load_yaml(config_file)
         file_preset = file_values.pop("preset", None)
         if preset_name is None and file_preset is not None:
+            if str(file_preset) not in PRESETS:
+                raise ConfigError(
+                    f"{config_file}: unknown preset '{file_preset}'; "
+                    f"choose one of {', '.join(PRESETS)}"
+                )
             preset_name = str(file_preset)
     cfg = preset(preset_name or "default")
     if file_values:
@@ -282,10 +395,11 @@ def dump_yaml(cfg: FinetuneConfig, path: str | os.PathLike | None = None) -> str
 def format_config(cfg: FinetuneConfig, *, base: FinetuneConfig | None = None) -> str:
     """The effective settings, one per line; a ``*`` marks values that differ from ``base``."""
     base = base or FinetuneConfig()
-    width = max(len(f.name) for f in fields(cfg))
+    names = list(FinetuneConfig.model_fields)
+    width = max(len(name) for name in names)
     lines = ["settings:"]
-    for f in fields(cfg):
-        value = getattr(cfg, f.name)
-        mark = "*" if value != getattr(base, f.name) else " "
-        lines.append(f" {mark} {f.name:<{width}} {value!r}")
+    for name in names:
+        value = getattr(cfg, name)
+        mark = "*" if value != getattr(base, name) else " "
+        lines.append(f" {mark} {name:<{width}} {value!r}")
     return "\n".join(lines)

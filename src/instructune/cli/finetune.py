@@ -1,21 +1,83 @@
 """``instructune finetune``: a thin shell over ``instructune.pipeline.run_finetune``.
 
-Settings resolve once, here: preset, then ``--config FILE.yaml``, then the flags given.
-Nothing heavy is imported at module level (``instructune --help`` stays torch-free).
+Settings resolve once, here: preset, then ``--config FILE.yaml``, then the flags given. Every
+setting of :class:`instructune.config.FinetuneConfig` is a flag built from its field: the
+field's description is the help, the help shows the value the ``default`` preset uses, a
+boolean gets ``--x/--no-x`` and a setting that may be unset takes ``none``. Nothing heavy is
+imported at module level (``instructune --help`` stays torch- and pydantic-free).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
+import types
+import typing
+from pathlib import Path
 from typing import Any
 
 # Flags that may change when resuming a run; everything else comes from its run.json.
-RESUME_FLAGS = {"quiet", "threads", "device", "judge", "judge_url", "evaluate"}
+# epochs and max_steps may only move the end further: that extends a run (even a finished one).
+RESUME_FLAGS = {
+    "quiet",
+    "threads",
+    "device",
+    "judge",
+    "judge_url",
+    "evaluate",
+    "epochs",
+    "max_steps",
+}
+
+# --help headings, each with the first setting under it; settings keep their declared order.
+GROUPS = {
+    "model": "model and data",
+    "epochs": "training",
+    "device": "machine",
+    "eval_every": "watching and saving",
+    "max_new_tokens": "after training",
+}
+ALIASES = {"split_shuffle_seed": ["--split-seed"]}  # older spellings that keep working
+# Value names in --help; other settings show N (integer), X (number) or their own name.
+METAVARS = {
+    "model": "NAME",
+    "model_overrides": "K=V,...",
+    "data": "SOURCE",
+    "val_data": "FILE",
+    "test_data": "FILE",
+    "out": "DIR",
+    "device": "DEVICE",
+    "judge": "PROVIDER:MODEL",
+    "judge_url": "URL",
+}
 
 
-def _add(group, *names: str, **kwargs: Any) -> None:
-    kwargs.setdefault("default", None)  # None = not given: the preset/config value stays
-    group.add_argument(*names, **kwargs)
+class _FinetuneParser(argparse.ArgumentParser):
+    """The ``finetune`` parser, which adds the settings' flags the first time it is used.
+
+    argparse builds every sub-command's parser for ``instructune --help`` and ``instructune
+    data ...``; the flags come from the pydantic model, and importing pydantic there would
+    slow every command down for nothing.
+    """
+
+    _settings_added = False
+
+    def _add_settings_once(self) -> None:
+        if not self._settings_added:
+            self._settings_added = True
+            add_setting_flags(self)
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        self._add_settings_once()
+        return super().parse_known_args(args, namespace)
+
+    def format_usage(self) -> str:
+        self._add_settings_once()
+        return super().format_usage()
+
+    def format_help(self) -> str:
+        self._add_settings_once()
+        return super().format_help()
 
 
 def register(subparsers) -> None:
@@ -27,76 +89,104 @@ def register(subparsers) -> None:
             "Fine-tune a pretrained model to follow instructions: split the data, train, "
             "answer the test split, save the model and score the answers. With no flags: the "
             "embedded SmolLM2-135M-Instruct on the shipped demo data, offline. Precedence: "
-            "--preset < --config FILE.yaml < flags."
+            "--preset < --config FILE.yaml < flags. The defaults shown are the default "
+            "preset's; --print-config shows every value a run would use."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    g = p.add_argument_group("settings")
-    _add(g, "--preset", choices=["default", "book"], help="named settings (book: gpt2-medium)")
-    _add(g, "--config", metavar="FILE.yaml", help="settings file (keys as the flags, with _)")
-    _add(g, "--print-config", action="store_true", help="print the settings as YAML and exit")
-
-    g = p.add_argument_group("model and data")
-    _add(g, "--model", help="registry name, hub id, directory, .gguf or smollm2-135m-instruct")
-    _add(g, "--init", choices=["pretrained", "random"], help="random: untrained weights")
-    _add(g, "--model-overrides", metavar="K=V,...", help="model shape changes (with --init random)")
-    _add(g, "--data", help="training data: file, URL, or book / alpaca / demo")
-    _add(g, "--val-data", help="separate validation file (then --data is used whole)")
-    _add(g, "--test-data", help="separate test file (then --data is used whole)")
-    _add(g, "--split-seed", type=int, help="shuffle the records with this seed before the split")
-    _add(g, "--out", metavar="DIR", help="output directory")
-    _add(g, "--style", choices=["alpaca", "phi3", "chat"], help="prompt style")
-    _add(g, "--mask-instructions", action="store_true", help="no loss on the prompt tokens")
-    _add(g, "--max-length", type=int, help="truncate sequences to this many tokens")
-    _add(g, "--group-by-length", action="store_true", help="batches of similar lengths")
-
-    g = p.add_argument_group("training")
-    _add(g, "--epochs", type=int)
-    _add(g, "--max-steps", type=int, help="stop after this many optimizer steps")
-    _add(g, "--batch-size", type=int, help="records per micro-batch and process")
-    _add(g, "--grad-accum", type=int, help="micro-batches per optimizer step")
-    _add(g, "--lr", type=float, help="learning rate (AdamW)")
-    _add(g, "--lr-schedule", choices=["constant", "cosine"])
-    _add(g, "--warmup-steps", type=int)
-    _add(g, "--weight-decay", type=float)
-    _add(g, "--grad-clip", type=float, help="clip the gradient norm to this value")
-    _add(g, "--precision", choices=["auto", "fp32", "bf16", "fp16"])
-    _add(g, "--activation-checkpointing", action="store_true", help="recompute activations")
-    _add(
-        g,
-        "--optimizer-in-backward",
-        action="store_true",
-        help="update each weight as its gradient is ready (less memory; no --grad-accum)",
+    # add_parser takes no parser class of its own; this one only defers adding arguments.
+    p.__class__ = _FinetuneParser
+    g = p.add_argument_group("run")
+    g.add_argument(
+        "--preset",
+        choices=["default", "book"],
+        help="named settings: default (the embedded SmolLM2 on the demo data) or book "
+        "(the book's gpt2-medium run) (default: default)",
     )
-    _add(g, "--compile", action="store_true", help="torch.compile the model")
-    _add(g, "--seed", type=int)
-    _add(g, "--device", help="auto, cpu, cuda, mps")
-    _add(g, "--threads", type=int, help="CPU threads (torch.set_num_threads)")
-
-    g = p.add_argument_group("watching, saving, resuming")
-    _add(g, "--eval-every", type=int, help="optimizer steps between loss evaluations")
-    _add(g, "--eval-batches", type=int, help="batches per loss evaluation")
-    _add(g, "--checkpoint-every", type=int, help="optimizer steps between checkpoints")
-    _add(g, "--keep", type=int, help="checkpoints to keep (plus the best)")
-    _add(g, "--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
-    _add(g, "--overwrite", action="store_true", help="replace an existing run in --out")
-    _add(g, "--quiet", action="store_true", help="no progress bars; log lines only")
-
-    g = p.add_argument_group("after training")
-    _add(g, "--max-new-tokens", type=int, help="longest answer for the test split")
-    _add(g, "--gen-batch-size", type=int, help="prompts answered together")
-    _add(g, "--test-limit", type=int, help="answer only the first N test records")
-    _add(g, "--no-evaluate", dest="evaluate", action="store_false", help="skip scoring")
-    _add(g, "--judge", help="ollama:MODEL or openai:MODEL to score the answers")
-    _add(g, "--judge-url", help="the judge server's URL")
+    g.add_argument(
+        "--config", metavar="FILE.yaml", help="settings file (keys as the flags, with _)"
+    )
+    g.add_argument(
+        "--print-config", action="store_true", help="print the settings as YAML and exit"
+    )
+    g.add_argument(
+        "--resume",
+        metavar="DIR",
+        help="continue the run in DIR from its last checkpoint; a larger --epochs or "
+        "--max-steps extends it, even when it has finished",
+    )
     p.set_defaults(func=run)
 
 
+def _value_kind(annotation: Any) -> tuple[type, list[str], bool]:
+    """(int|float|str|bool|dict, the Literal's choices, whether None is allowed)."""
+    optional = False
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        members = [a for a in typing.get_args(annotation) if a is not type(None)]
+        optional = len(members) < len(typing.get_args(annotation))
+        (annotation,) = members  # the config's unions are all "X | None"
+    if typing.get_origin(annotation) is typing.Annotated:
+        annotation = typing.get_args(annotation)[0]
+    if typing.get_origin(annotation) is typing.Literal:
+        return str, [str(c) for c in typing.get_args(annotation)], optional
+    return typing.get_origin(annotation) or annotation, [], optional
+
+
+def _parse_value(kind: type, optional: bool):
+    """An argparse ``type`` that reads one value; ``none`` unsets a setting that allows it."""
+
+    def parse(text: str) -> Any:
+        if optional and text.lower() == "none":
+            return None
+        try:
+            return kind(text)
+        except ValueError:
+            expected = {int: "an integer", float: "a number"}.get(kind, kind.__name__)
+            if optional:
+                expected += " or 'none'"
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+
+    return parse
+
+
+def _shown(value: Any) -> str:
+    """A default as the user would type it."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if value is None or value == {}:
+        return "none"
+    return str(value)
+
+
+def add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per FinetuneConfig setting, grouped as in the model, help from its field."""
+    from instructune.config import FinetuneConfig, preset
+
+    shown = preset("default")
+    group: Any = parser
+    for name, info in FinetuneConfig.model_fields.items():
+        if name in GROUPS:
+            group = parser.add_argument_group(GROUPS[name])
+        kind, choices, optional = _value_kind(info.annotation)
+        flags = ["--" + name.replace("_", "-"), *ALIASES.get(name, [])]
+        text = f"{info.description} (default: {_shown(getattr(shown, name))})"
+        # SUPPRESS: a flag not given leaves no attribute, so the preset/config value stays.
+        common = dict(dest=name, default=argparse.SUPPRESS, help=text.replace("%", "%%"))
+        if kind is bool:
+            group.add_argument(*flags, action=argparse.BooleanOptionalAction, **common)
+            continue
+        if choices:
+            metavar = "{" + ",".join(choices + ["none"] * optional) + "}"
+        else:
+            metavar = METAVARS.get(name, {int: "N", float: "X"}.get(kind, name.upper()))
+        value_type = str if kind is dict else _parse_value(kind, optional)
+        group.add_argument(*flags, type=value_type, metavar=metavar, **common)
+
+
 def _flags(args: argparse.Namespace) -> dict[str, Any]:
-    skip = {"command", "func", "preset", "config", "print_config", "resume", "version"}
-    flags = {k: v for k, v in vars(args).items() if k not in skip and v is not None}
-    if "split_seed" in flags:
-        flags["split_shuffle_seed"] = flags.pop("split_seed")
+    """The settings given on the command line (and only those)."""
+    from instructune.config import FinetuneConfig
+
+    flags = {k: v for k, v in vars(args).items() if k in FinetuneConfig.model_fields}
     if "model_overrides" in flags:
         from instructune.pipeline import parse_overrides
 
@@ -104,23 +194,80 @@ def _flags(args: argparse.Namespace) -> dict[str, Any]:
     return flags
 
 
+def _progress_so_far(run_dir: Path) -> tuple[int, int, int] | None:
+    """(steps, full epochs, batches into the next epoch) of the run's newest checkpoint."""
+    import json
+
+    from instructune.training.state import STATE_FILE, list_checkpoints
+
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            done = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))["progress"]
+            return int(done["step"]), int(done["epoch"]), int(done.get("batches_done", 0))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # a damaged checkpoint: resume skips it too
+    return None
+
+
+def _check_longer_end(cfg, changes: dict[str, Any], run_dir: Path) -> None:
+    """Refuse an --epochs/--max-steps that ends before what the run has already trained."""
+    from instructune.config import ConfigError
+
+    done = _progress_so_far(run_dir)
+    if done is None:
+        return  # nothing trained yet (or no checkpoint): any end is ahead
+    step, epoch, batches = done
+    max_steps = changes.get("max_steps", cfg.max_steps)
+    epochs = changes.get("epochs", cfg.epochs)
+    if max_steps is not None:
+        if max_steps < step:
+            raise ConfigError(
+                f"--max-steps {max_steps} is fewer than the {step} steps the run in {run_dir} "
+                f"has already done; --resume can only extend a run"
+            )
+    elif epochs < epoch or (epochs == epoch and batches > 0):
+        part = f" and {batches} steps of epoch {epoch + 1}" if batches else ""
+        raise ConfigError(
+            f"--epochs {epochs} is fewer than the run in {run_dir} has already trained "
+            f"({epoch} epochs{part}, {step} steps); --resume can only extend a run"
+        )
+
+
+def _resume_config(args: argparse.Namespace, flags: dict[str, Any]):
+    """The run's own settings, with the few flags that may change on --resume applied."""
+    from instructune.config import ConfigError, apply_overrides
+    from instructune.pipeline import load_run_config
+
+    fixed = sorted(set(flags) - RESUME_FLAGS - {"out"})
+    if fixed or args.preset or args.config:
+        allowed = ", ".join("--" + f.replace("_", "-") for f in sorted(RESUME_FLAGS))
+        got = ", ".join("--" + f.replace("_", "-") for f in fixed) or "--preset/--config"
+        raise ConfigError(
+            f"--resume continues a run with its own settings; only {allowed} may change "
+            f"(got {got})"
+        )
+    cfg = load_run_config(args.resume)
+    changes = {k: v for k, v in flags.items() if k != "out"}
+    if "epochs" in changes and "max_steps" not in changes and cfg.max_steps is not None:
+        # The run stopped at its --max-steps, which overrides --epochs: asking for epochs now
+        # means training by epochs, so the step limit goes (said, not done silently).
+        print(
+            f"note: --epochs {changes['epochs']} replaces the run's --max-steps {cfg.max_steps}",
+            file=sys.stderr,
+        )
+        changes["max_steps"] = None
+    if "epochs" in changes or "max_steps" in changes:
+        _check_longer_end(cfg, changes, Path(args.resume))
+    return apply_overrides(cfg, changes, source="command line")
+
+
 def run(args: argparse.Namespace) -> int:
-    from instructune.config import ConfigError, apply_overrides, dump_yaml, resolve_config
+    """Resolve the settings, then run (or print) the fine-tuning job; returns the exit code."""
+    from instructune.config import dump_yaml, resolve_config
 
     flags = _flags(args)
     if args.resume is not None:
-        from instructune.pipeline import load_run_config
-
-        fixed = sorted(set(flags) - RESUME_FLAGS - {"out"})
-        if fixed or args.preset or args.config:
-            allowed = ", ".join("--" + f.replace("_", "-") for f in sorted(RESUME_FLAGS))
-            got = ", ".join("--" + f.replace("_", "-") for f in fixed) or "--preset/--config"
-            raise ConfigError(
-                f"--resume continues a run with its own settings; only {allowed} may change "
-                f"(got {got})"
-            )
-        cfg = load_run_config(args.resume)
-        cfg = apply_overrides(cfg, {k: v for k, v in flags.items() if k != "out"})
+        cfg = _resume_config(args, flags)
     else:
         cfg = resolve_config(preset_name=args.preset, config_file=args.config, flags=flags)
     if args.print_config:
@@ -132,8 +279,6 @@ def run(args: argparse.Namespace) -> int:
     try:
         summary = run_finetune(cfg, resume=args.resume is not None)
     except TrainingInterrupted:
-        import sys
-
         print(f"stopped; continue with: instructune finetune --resume {cfg.out}", file=sys.stderr)
         return 130
     if summary.get("val_loss") is not None and not cfg.quiet:
