@@ -37,6 +37,8 @@ def common(out: Path) -> list[str]:
         "--test-limit",
         "2",
         "--no-evaluate",
+        "--max-length",
+        "128",  # the tiny model's context length
     )
 
 

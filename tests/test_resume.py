@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import tiny_finetune_args
+from helpers import TINY_GPT2, tiny_finetune_args
 
 from instructune.training.metrics import read_metrics, without_timings
 
@@ -38,14 +38,49 @@ def args_for(out: Path) -> list[str]:
         "--test-limit",
         "1",
         "--no-evaluate",
+        "--max-length",
+        "128",  # the tiny model's context length
     )
 
 
-def start(args: list[str], log: Path) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+# The child runs `instructune` with one change: after writing the checkpoint of step
+# PAUSE_AT_STEP it writes PAUSE_MARKER and waits until PAUSE_RELEASE exists. A test signals it
+# while it waits, so the signal lands at that exact point however slow the machine is (a test
+# that polled for the checkpoint and then signalled could find the run already finished).
+CHILD = """
+import os, sys, time
+from pathlib import Path
+import instructune.training.loop as loop
+from instructune.cli.main import main
+
+pause_at = int(os.environ.get("PAUSE_AT_STEP", "0"))
+saved = loop.save_checkpoint
+
+def save_then_wait(run_dir, *, progress, **kw):
+    path = saved(run_dir, progress=progress, **kw)
+    if progress.step == pause_at:
+        Path(os.environ["PAUSE_MARKER"]).write_text(str(path))
+        while not Path(os.environ["PAUSE_RELEASE"]).exists():
+            time.sleep(0.01)
+    return path
+
+loop.save_checkpoint = save_then_wait
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def start(args: list[str], log: Path, *, pause_at: int = 0) -> subprocess.Popen:
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+        "PAUSE_AT_STEP": str(pause_at),
+        "PAUSE_MARKER": str(log.with_suffix(".paused")),
+        "PAUSE_RELEASE": str(log.with_suffix(".release")),
+    }
     with open(log, "wb") as f:
         return subprocess.Popen(
-            [sys.executable, "-m", "instructune", *args],
+            [sys.executable, "-c", CHILD, *args],
             stdout=f,
             stderr=subprocess.STDOUT,
             env=env,
@@ -62,6 +97,17 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120.0) -> None
             proc.kill()
             raise AssertionError(f"{path} did not appear in {timeout} s")
         time.sleep(0.005)
+
+
+def start_and_pause(args: list[str], log: Path, step: int) -> subprocess.Popen:
+    """Start a run and return once it waits right after saving the checkpoint of ``step``."""
+    proc = start(args, log, pause_at=step)
+    wait_for(log.with_suffix(".paused"), proc)
+    return proc
+
+
+def release(log: Path) -> None:
+    log.with_suffix(".release").write_text("go")
 
 
 def run_to_end(args: list[str], log: Path) -> None:
@@ -81,8 +127,7 @@ def reference(tmp_path_factory) -> list[dict]:
 
 def test_sigkill_then_resume_reaches_the_same_losses_bit_for_bit(reference, tmp_path):
     out = tmp_path / "run"
-    proc = start(args_for(out), tmp_path / "log1.txt")
-    wait_for(out / "checkpoints" / "step-000003" / "manifest.json", proc)
+    proc = start_and_pause(args_for(out), tmp_path / "log1.txt", 3)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     assert json.loads((out / "run.json").read_text())["status"] == "running"  # really cut short
@@ -98,8 +143,7 @@ def test_sigkill_then_resume_reaches_the_same_losses_bit_for_bit(reference, tmp_
 
 def test_corrupt_latest_checkpoint_resumes_from_the_previous_one(reference, tmp_path):
     out = tmp_path / "run"
-    proc = start(args_for(out), tmp_path / "log1.txt")
-    wait_for(out / "checkpoints" / "step-000006" / "manifest.json", proc)
+    proc = start_and_pause(args_for(out), tmp_path / "log1.txt", 6)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     ckpts = sorted((out / "checkpoints").glob("step-*"))
@@ -121,9 +165,9 @@ def test_corrupt_latest_checkpoint_resumes_from_the_previous_one(reference, tmp_
 
 def test_ctrl_c_saves_a_checkpoint_then_resume_matches(reference, tmp_path):
     out = tmp_path / "run"
-    proc = start(args_for(out), tmp_path / "log1.txt")
-    wait_for(out / "checkpoints" / "step-000003" / "manifest.json", proc)
+    proc = start_and_pause(args_for(out), tmp_path / "log1.txt", 3)
     proc.send_signal(signal.SIGINT)
+    release(tmp_path / "log1.txt")  # the step ends; the loop sees the flag and stops there
     assert proc.wait(timeout=120) == 130
     log = (tmp_path / "log1.txt").read_text()
     assert "interrupted: checkpoint saved" in log and f"--resume {out}" in log
@@ -132,5 +176,25 @@ def test_ctrl_c_saves_a_checkpoint_then_resume_matches(reference, tmp_path):
     assert ckpts[-1].name == f"step-{last_step:06d}"  # saved where it stopped
     assert (ckpts[-1] / "optimizer.pt").exists()
 
+    run_to_end(["finetune", "--resume", str(out), "--quiet"], tmp_path / "log2.txt")
+    assert without_timings(read_metrics(out / "metrics.jsonl")) == reference
+
+
+def test_sigkill_then_resume_with_dropout_reaches_the_same_losses_bit_for_bit(tmp_path):
+    """The tests above train without dropout: with no random state restored they would pass
+    too. Here every step draws dropout masks, so only a restored random state matches."""
+
+    def dropout_args(out: Path) -> list[str]:
+        overrides = f"{TINY_GPT2},drop_rate=0.2"
+        return [*args_for(out), "--model-overrides", overrides]
+
+    ref = tmp_path / "ref"
+    run_to_end(dropout_args(ref), tmp_path / "ref.txt")
+    reference = without_timings(read_metrics(ref / "metrics.jsonl"))
+    out = tmp_path / "run"
+    proc = start_and_pause(dropout_args(out), tmp_path / "log1.txt", 3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert max(r["step"] for r in read_metrics(out / "metrics.jsonl")) < 24
     run_to_end(["finetune", "--resume", str(out), "--quiet"], tmp_path / "log2.txt")
     assert without_timings(read_metrics(out / "metrics.jsonl")) == reference

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import math
 import random
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -16,6 +19,7 @@ from instructune.training.loop import (
     LoopData,
     LoopSettings,
     TrainingDiverged,
+    TrainingInterrupted,
     evaluate_loss,
     make_optimizer,
     split_global_batch,
@@ -461,3 +465,215 @@ def test_bf16_autocast_loss_and_gradients_stay_close_to_fp32():
     assert got.item() == pytest.approx(ref.item(), rel=2e-2)
     assert model.tok_emb.weight.grad.dtype == torch.float32
     assert torch.allclose(model.tok_emb.weight.grad, want, atol=5e-2, rtol=5e-2)
+
+
+# ---------------------------------------------------------------------------- fp16
+
+
+def _head_gradients(precision: str, inputs, targets, vocab: int) -> dict[str, torch.Tensor]:
+    """Every parameter's gradient of the mean token loss, as the loop computes it."""
+    model = tiny_model(n_layers=1, vocab_size=vocab, tie_embeddings=False)
+    with torch.no_grad():  # hidden states of ~0.02: see the test's docstring
+        model.final_norm.weight.mul_(0.02)
+    n = int((targets != -100).sum())
+    if precision == "fp32":
+        (supervised_loss_sum(model, inputs, targets, grad_scale=1 / n) / n).backward()
+    else:
+        scaler = torch.amp.GradScaler("cpu")
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = supervised_loss_sum(model, inputs, targets, grad_scale=1 / n) / n
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+    return {name: p.grad for name, p in model.named_parameters()}
+
+
+def test_fp16_gradients_match_fp32_and_flush_no_head_entry_to_zero():
+    """``--precision fp16`` (the ``auto`` choice on GPUs without bf16) at N = 8192 tokens.
+
+    With GPT-2's 50257-token vocabulary most probabilities p are near 2e-5, and the head
+    gradient sums p * h / N: pre-multiplied by 1/N in fp16, such products fell below fp16's
+    range and were flushed to zero. A 512-token vocabulary with hidden states scaled to
+    ~0.02 reaches the same p * h here. Tolerance: fp16 rounds to 2**-11 = 4.9e-4 relative, and
+    the operands and the body's matmul results are rounded a few times each, so every
+    parameter's gradient must lie within 3e-3 (relative, in norm) of fp32's; measured: at most
+    1.3e-3, and 6e-3 to 5e-2 with the fp16 pre-scaling it replaces.
+    """
+    vocab = 512
+    gen = torch.Generator().manual_seed(1)
+    inputs = torch.randint(0, vocab, (128, 64), generator=gen)
+    targets = torch.randint(0, vocab, (128, 64), generator=gen)
+    assert int((targets != -100).sum()) >= 8000
+    want = _head_gradients("fp32", inputs, targets, vocab)
+    got = _head_gradients("fp16", inputs, targets, vocab)
+    for name, ref in want.items():
+        assert got[name].dtype == torch.float32
+        error = float((got[name] - ref).norm() / ref.norm())
+        assert error < 3e-3, (name, error)
+    head32, head16 = want["out_head.weight"], got["out_head.weight"]
+    flushed = (head32 != 0) & (head16 == 0)
+    assert int(flushed.sum()) == 0, f"{int(flushed.sum())} of {head32.numel()} entries flushed"
+
+
+# ---------------------------------------------------------------------------- validation loss
+
+
+def _masked_collate(items):
+    """``items`` are (ids, prompt_length): the prompt's targets are -100, as with
+    --mask-instructions; a prompt as long as the item leaves no supervised token."""
+    inputs, targets = collate([ids for ids, _ in items])
+    for row, (_, prompt) in enumerate(items):
+        targets[row, :prompt] = -100
+    return inputs, targets
+
+
+def test_validation_loss_leaves_out_batches_without_supervised_tokens():
+    model = tiny_model()
+    rng = random.Random(0)
+    items = [([rng.randrange(1, VOCAB) for _ in range(12)] + [0], p) for p in (3, 5, 13, 13)]
+    cpu = torch.device("cpu")
+    alone = evaluate_loss(model, items, [[0, 1]], _masked_collate, device=cpu)
+    # The second batch is all prompt (masked, response cut off): no loss, not a loss of 0.
+    both = evaluate_loss(model, items, [[0, 1], [2, 3]], _masked_collate, device=cpu)
+    assert both == alone and alone > 1.0
+    assert evaluate_loss(model, items, [[2, 3]], _masked_collate, device=cpu) is None
+
+
+# ---------------------------------------------------------------------------- random state
+
+
+def test_seed_everything_seeds_rank_zero_plainly_and_other_ranks_apart():
+    torch.manual_seed(123)
+    random.seed(123)
+    plain = torch.rand(4), random.random()
+    state_mod.seed_everything(123)
+    assert torch.equal(torch.rand(4), plain[0]) and random.random() == plain[1]
+    state_mod.seed_everything(123, rank=0)
+    assert torch.equal(torch.rand(4), plain[0])
+    draws = []
+    for rank in (1, 2, 1):
+        state_mod.seed_everything(123, rank=rank)
+        draws.append(torch.rand(4))
+    assert torch.equal(draws[0], draws[2])  # a function of (seed, rank)
+    assert not torch.equal(draws[0], plain[0]) and not torch.equal(draws[0], draws[1])
+    assert state_mod.rank_seed(123, 1) == 123 + 1_000_003
+    assert state_mod.rank_seed(2**32 - 1, 1) == 1_000_002  # within NumPy's 32-bit seeds
+
+
+def test_checkpoint_keeps_every_rank_rng_and_each_rank_restores_its_own(tmp_path):
+    model = tiny_model()
+    states = []
+    for seed in (10, 11):  # rank r's state: seeded 10 + r
+        torch.manual_seed(seed)
+        states.append(state_mod.capture_rng())
+    rank1_next = torch.rand(3)
+    for step in (1, 2, 3):  # pruning rewrites the older manifests: the rank files stay listed
+        path = state_mod.save_checkpoint(
+            tmp_path,
+            model=model,
+            optimizer=None,
+            progress=state_mod.TrainProgress(step=step),
+            rng_states=states,
+            keep=2,
+        )
+    for ckpt in state_mod.list_checkpoints(tmp_path):
+        assert state_mod.verify_checkpoint(ckpt) == []
+        assert (ckpt / "rng-rank1.pt").exists()
+    state_mod.load_checkpoint(path, model=tiny_model(), rank=1)
+    assert torch.equal(torch.rand(3), rank1_next)
+    state_mod.load_checkpoint(path, model=tiny_model())  # no process group: rank 0
+    torch.manual_seed(10)
+    want = torch.rand(3)
+    state_mod.load_checkpoint(path, model=tiny_model(), rank=0)
+    assert torch.equal(torch.rand(3), want)
+    missing = r"no random state for process 2 \(rng-rank2\.pt\): it was saved by 2 process"
+    untouched = tiny_model(seed=3)
+    with pytest.raises(state_mod.CheckpointError, match=missing):
+        state_mod.load_checkpoint(path, model=untouched, rank=2)
+    assert torch.equal(untouched.tok_emb.weight, tiny_model(seed=3).tok_emb.weight)
+
+
+def _train_with_dropout(data, steps_model, *, run_dir=None, progress=None, hook=None):
+    model, opt = steps_model
+    settings = LoopSettings(epochs=3, lr=1e-2, eval_every=100, quiet=True)
+    return train(
+        model,
+        opt,
+        data,
+        settings,
+        device=torch.device("cpu"),
+        run_dir=run_dir,
+        progress=progress,
+        on_epoch_end=hook,
+    )
+
+
+def _dropout_model_and_optimizer():
+    model = tiny_model(seed=7, drop_rate=0.3)  # seeds torch, as a fresh process does
+    return model, make_optimizer(model, lr=1e-2, weight_decay=0.0, device=torch.device("cpu"))
+
+
+@pytest.mark.parametrize("restore_random", [True, False])
+def test_resume_with_dropout_and_sampling_is_bit_exact(tmp_path, restore_random):
+    """Dropout and a sampled draw after a resume equal the uninterrupted run's only if the
+    random state is restored (the ``False`` case is the control: the test can tell)."""
+    data = make_data()
+    whole = _dropout_model_and_optimizer()
+    _train_with_dropout(data, whole)
+    whole_draw = torch.multinomial(torch.ones(50), 8)
+
+    def ctrl_c_after_first_epoch(epoch: int) -> None:
+        if epoch == 0:
+            signal.raise_signal(signal.SIGINT)
+
+    cut = _dropout_model_and_optimizer()
+    with pytest.raises(TrainingInterrupted):
+        _train_with_dropout(data, cut, run_dir=tmp_path, hook=ctrl_c_after_first_epoch)
+    ckpt = state_mod.latest_valid_checkpoint(tmp_path)
+    assert ckpt.name == "step-000004"  # 32 records / 8 a step: the end of the first epoch
+
+    resumed = _dropout_model_and_optimizer()  # a new process: seeded and built afresh
+    progress, _ = state_mod.load_checkpoint(
+        ckpt, model=resumed[0], optimizer=resumed[1], restore_random=restore_random
+    )
+    _train_with_dropout(data, resumed, run_dir=tmp_path, progress=progress)
+    resumed_draw = torch.multinomial(torch.ones(50), 8)
+    pairs = zip(whole[0].parameters(), resumed[0].parameters(), strict=True)
+    same = [torch.equal(a, b) for a, b in pairs]
+    if restore_random:
+        assert all(same) and torch.equal(whole_draw, resumed_draw)
+    else:
+        assert not all(same) and not torch.equal(whole_draw, resumed_draw)
+
+
+def test_an_epoch_end_hook_that_samples_does_not_change_training():
+    """The per-epoch sample may draw random numbers; a resumed run never replays it."""
+    data = make_data()
+    plain = _dropout_model_and_optimizer()
+    _train_with_dropout(data, plain)
+    sampled = _dropout_model_and_optimizer()
+    _train_with_dropout(data, sampled, hook=lambda epoch: torch.multinomial(torch.ones(9), 3))
+    for a, b in zip(plain[0].parameters(), sampled[0].parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------- Windows
+
+
+def test_training_imports_and_measures_without_the_resource_module():
+    """Windows has no ``resource``: training must import, and peak memory falls back."""
+    code = (
+        "import sys\n"
+        "sys.modules['resource'] = None  # import resource raises ImportError, as on Windows\n"
+        "sys.modules['psutil'] = None\n"
+        "import instructune.training.loop, instructune.training.metrics as m\n"
+        "print(m.peak_rss_bytes())\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "None"
+    from instructune.training.metrics import peak_rss_bytes
+
+    assert peak_rss_bytes() > 10_000_000  # this process, through resource

@@ -1,8 +1,12 @@
 """The only module that touches ``torch.distributed``.
 
 Under ``torchrun --nproc_per_node=N`` (which sets RANK, WORLD_SIZE, LOCAL_RANK and
-MASTER_ADDR/PORT) the process group is started with gloo on CPU and nccl on CUDA; without
-those variables every function here is a cheap single-process no-op.
+MASTER_ADDR/PORT) a process group is started, for N = 1 too: ``cpu:gloo,cuda:nccl`` when
+training on CUDA (NCCL for the tensors on the GPU, gloo for anything on the host, such as the
+pickled random states gathered for a checkpoint), plain gloo otherwise. Without those
+variables every function here is a cheap single-process no-op.
+
+The loop hands every collective a tensor on its training device: NCCL refuses host tensors.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -23,6 +28,7 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    started: bool = False  # a process group runs (under torchrun, even with one process)
 
     @property
     def is_main(self) -> bool:
@@ -30,26 +36,37 @@ class DistInfo:
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        """Whether collectives (and DistributedDataParallel) run."""
+        return self.started or self.world_size > 1
 
 
 def launched_by_torchrun() -> bool:
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
+    """True when torchrun's RANK and WORLD_SIZE are set (WORLD_SIZE=1 included)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def process_group_backend(device: torch.device) -> str:
+    """``cpu:gloo,cuda:nccl`` for CUDA training (NCCL for GPU tensors, gloo for host ones), else
+    ``gloo``."""
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
 
 
 def init_distributed(device: torch.device) -> DistInfo:
-    """Start the process group when launched by torchrun (idempotent); else one process."""
+    """Start the process group when launched by torchrun (idempotent); else one process.
+
+    ``torchrun --nproc_per_node=1`` starts a group of one, so a single GPU runs the same
+    NCCL path as several.
+    """
     if not launched_by_torchrun():
         return DistInfo()
     rank = int(os.environ["RANK"])
     world = int(os.environ["WORLD_SIZE"])
     local = int(os.environ.get("LOCAL_RANK", rank))
     if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(local)
-        dist.init_process_group(backend=backend)
-    return DistInfo(rank=rank, world_size=world, local_rank=local)
+        dist.init_process_group(backend=process_group_backend(device))
+    return DistInfo(rank=rank, world_size=world, local_rank=local, started=True)
 
 
 def device_for(info: DistInfo, device: torch.device) -> torch.device:
@@ -76,8 +93,16 @@ def no_sync(module: nn.Module, skip: bool):
     return contextlib.nullcontext()
 
 
+def accumulation_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of loss sums kept on ``device``: float64, or float32 where it has none (MPS)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def all_reduce_sum(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    """Sum a tensor over all processes, in place; returns it (unchanged for one process)."""
+    """Sum a tensor over all processes, in place; returns it (unchanged for one process).
+
+    ``value`` must be on the training device: NCCL refuses host tensors.
+    """
     if info.enabled:
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
     return value
@@ -97,6 +122,18 @@ def any_flag(flag: bool, info: DistInfo, device: torch.device) -> bool:
     if not info.enabled:
         return flag
     return sum_ints([int(flag)], info, device)[0] > 0
+
+
+def gather_objects(obj: Any, info: DistInfo) -> list[Any] | None:
+    """Every process's ``obj`` (picklable), in rank order, on the main process; None elsewhere.
+
+    Pickled objects travel through the group's host backend (gloo), never NCCL.
+    """
+    if not info.enabled:
+        return [obj]
+    out: list[Any] | None = [None] * info.world_size if info.is_main else None
+    dist.gather_object(obj, out, dst=0)
+    return out
 
 
 def barrier(info: DistInfo) -> None:

@@ -28,7 +28,7 @@ from instructune.training.loss import IGNORE_INDEX, SupervisedLoss
 from instructune.training.metrics import MetricsLog, Throughput
 from instructune.training.optim import make_optimizer  # noqa: F401  (re-exported)
 from instructune.training.schedule import lr_at
-from instructune.training.state import TrainProgress, save_checkpoint
+from instructune.training.state import TrainProgress, capture_rng, restore_rng, save_checkpoint
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (inputs, targets), CPU LongTensors (B, T)
 
@@ -130,7 +130,12 @@ def evaluate_loss(
     info: dist.DistInfo | None = None,
 ) -> float | None:
     """Mean over ``batches`` of each batch's loss per supervised token (the book's
-    ``calc_loss_loader``). Batches are shared out over processes and the results summed."""
+    ``calc_loss_loader``), or None when no batch has a supervised token.
+
+    A batch without one (its prompts masked and its responses cut off by truncation) has no
+    loss: it is left out of the mean rather than counted as 0. Batches are shared out over
+    processes; each fills its own slots, and the sums (on ``device``) are reduced together.
+    """
     from instructune.training.loss import supervised_loss_sum
 
     info = info or dist.DistInfo()
@@ -138,7 +143,9 @@ def evaluate_loss(
         return None
     was_training = model.training
     model.eval()
-    losses = torch.zeros(len(batches), dtype=torch.float64)
+    # Row 0: each batch's loss per supervised token; row 1: 1 for the batches that have one.
+    # One process fills each slot, so the sum over processes is exact whatever their number.
+    sums = torch.zeros(2, len(batches), dtype=dist.accumulation_dtype(device), device=device)
     for i, batch in enumerate(batches):
         if i % info.world_size != info.rank:
             continue
@@ -148,10 +155,17 @@ def evaluate_loss(
             continue
         with autocast_context(device, precision):
             total = supervised_loss_sum(model, inputs.to(device), targets.to(device))
-        losses[i] = total.double().cpu() / count
+        sums[0, i] = total.to(sums.dtype) / count
+        sums[1, i] = 1.0
     model.train(was_training)
-    dist.all_reduce_sum(losses, info)
-    return float(losses.mean())
+    dist.all_reduce_sum(sums, info)
+    losses, counted = sums
+    n = float(counted.sum())
+    return float(losses.sum() / n) if n else None
+
+
+def _loss_text(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 class _StopFlag:
@@ -288,17 +302,19 @@ def train(
             progress.best_val_loss is None or val_loss < progress.best_val_loss
         ):
             progress.best_val_loss, progress.best_step = val_loss, progress.step
-        val_text = "n/a" if val_loss is None else f"{val_loss:.3f}"
         if not s.quiet and info.is_main:
             bar.write(
                 f"Ep {max(1, math.ceil(epoch_float()))} (Step {progress.step:06d}): "
-                f"Train loss {train_loss:.3f}, Val loss {val_text}"
+                f"Train loss {_loss_text(train_loss)}, Val loss {_loss_text(val_loss)}"
             )
 
     def checkpoint() -> None:
         nonlocal last_ckpt
         progress.train_seconds = throughput.seconds
         progress.supervised_tokens = throughput.supervised
+        # Every process's random state (dropout masks differ per rank), collected on the main
+        # process, which writes them all; each rank restores its own on resume.
+        rng_states = dist.gather_objects(capture_rng(), info)
         if info.is_main and run_dir is not None:
             metrics.sync()
             last_ckpt = save_checkpoint(
@@ -309,6 +325,7 @@ def train(
                 scaler=scaler,
                 keep=s.keep,
                 extra=checkpoint_extra() if checkpoint_extra else None,
+                rng_states=rng_states,
             )
         dist.barrier(info)
 
@@ -339,7 +356,9 @@ def train(
                     group["lr"] = lr
 
                 throughput.start()
-                step_sum = torch.zeros((), dtype=torch.float64)
+                # On the training device: it goes through a collective, and NCCL refuses host
+                # tensors (it also spares a device-to-host sync per micro-batch).
+                step_sum = torch.zeros((), dtype=dist.accumulation_dtype(device), device=device)
                 # DDP averages gradients over processes; scale by world_size so that the sum
                 # over processes of (local loss sum / global count) is what is differentiated.
                 scale = info.world_size / max(global_count, 1)
@@ -360,7 +379,7 @@ def train(
                             scaler.scale(loss).backward()
                         else:
                             loss.backward()
-                    step_sum += loss_sum.detach().double().cpu()
+                    step_sum += loss_sum.detach().to(step_sum.dtype)
                 step_loss = float(dist.all_reduce_sum(step_sum, info)) / max(global_count, 1)
                 if not math.isfinite(step_loss):
                     optimizer.zero_grad(set_to_none=True)
@@ -409,7 +428,11 @@ def train(
                 if saved:
                     checkpoint()
                 if epoch_done and on_epoch_end is not None and info.is_main:
+                    # The hook (a sampled answer, say) must not move the training's random
+                    # state: a run resumed from this step's checkpoint never replays it.
+                    rng = capture_rng()
                     on_epoch_end(progress.epoch - 1)
+                    restore_rng(rng)
                     model.train()
                 if dist.any_flag(stop.set, info, device):
                     if not saved:

@@ -23,9 +23,17 @@ DEFAULT_CHUNK_ROWS = 512
 
 
 def _chunk_loss_and_grad(
-    h: torch.Tensor, w: torch.Tensor, t: torch.Tensor, want_grad: bool
+    h: torch.Tensor,
+    w: torch.Tensor,
+    t: torch.Tensor,
+    want_grad: bool,
+    grad_mult: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Sum of -log p(t | h) for one chunk, and d(sum)/d(logits) when ``want_grad``."""
+    """Sum of -log p(t | h) for one chunk, and d(sum)/d(logits) when ``want_grad``.
+
+    ``grad_mult`` (a 0-dim tensor) multiplies the returned gradient, folded into the exp and
+    the one-hot so that it costs no extra pass over the (n, V) buffer.
+    """
     logits = torch.mm(h, w.t()).float()  # (n, V); softmax statistics in fp32
     lse = torch.logsumexp(logits, dim=-1)
     target_logit = logits.gather(1, t.unsqueeze(1)).squeeze(1)
@@ -33,51 +41,97 @@ def _chunk_loss_and_grad(
     if not want_grad:
         return loss, None
     # softmax(logits) - onehot(t), computed in place on the logits buffer.
-    grad = logits.sub_(lse.unsqueeze(1)).exp_()
-    grad[torch.arange(t.numel(), device=t.device), t] -= 1.0
+    shift = lse if grad_mult is None else lse - torch.log(grad_mult)
+    grad = logits.sub_(shift.unsqueeze(1)).exp_()
+    one = 1.0 if grad_mult is None else grad_mult
+    grad[torch.arange(t.numel(), device=t.device), t] -= one
     return loss, grad
+
+
+# Under fp16 the gradient operand softmax - onehot (entries in [-1, 1]) is multiplied by 2**15
+# before its cast: probabilities down to ~2e-12 stay representable instead of flushing to zero
+# below fp16's smallest subnormal (6e-8), and 2**15 < 65504 cannot overflow. A power of two,
+# so dividing it out again in fp32 is exact.
+_FP16_GRAD_MULT = 2.0**15
+# torch >= 2.8 multiplies fp16 matrices into an fp32 result on CUDA (fp32 accumulation, no
+# rounding of the sums to fp16); elsewhere the fp16 operands are widened to fp32 instead.
+_MM_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()
+
+
+def _mm_fp32_out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b for fp16 operands, summed and returned in fp32: no fp16 rounding of the sums."""
+    # Autocast (still on inside the Function) would turn the fp32 product back into fp16.
+    with torch.autocast(a.device.type, enabled=False):
+        if a.is_cuda and _MM_OUT_DTYPE:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        return torch.mm(a.float(), b.float())
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     """sum_i CE(hidden_i @ weight.T, targets_i), its gradients computed during forward.
 
     ``grad_scale`` is the factor the caller will multiply the loss by (1 / token count). The
-    stored gradients are pre-multiplied by it through the small (N, D) operands, so backward
-    usually has nothing left to do; any other upstream gradient is still handled exactly.
+    stored gradients are pre-multiplied by it, so backward usually has nothing left to do; any
+    other upstream gradient (a GradScaler's factor) is still handled exactly.
+
+    fp32 and bf16 (fp32's exponent range) let the scale ride on the small (N, D) operand. fp16
+    cannot: 1/N times a probability of ~1/V underflows its range (the GradScaler's factor only
+    arrives in backward, too late to help), and even unscaled sums of such products round to
+    zero in an fp16 result. So under fp16 the operand is 2**15 * (softmax - onehot) in fp16,
+    the products are summed into fp32 results, grad_scale / 2**15 is applied in fp32, and the
+    stored gradients stay fp32 until backward has applied the upstream factor.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_rows, compute_dtype, grad_scale):  # noqa: D102
         w = weight.to(compute_dtype)
-        grad_hidden = torch.empty_like(hidden)
+        fp16 = compute_dtype == torch.float16
+        if fp16:
+            mult = torch.tensor(_FP16_GRAD_MULT, device=hidden.device)
+            unscale = grad_scale / _FP16_GRAD_MULT
+            grad_hidden = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device)
+        else:
+            mult = None
+            grad_hidden = torch.empty_like(hidden)
         grad_weight = None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_rows):
-            h = hidden[start : start + chunk_rows].to(compute_dtype)
-            loss, grad = _chunk_loss_and_grad(h, w, targets[start : start + chunk_rows], True)
+            rows = slice(start, start + chunk_rows)
+            h = hidden[rows].to(compute_dtype)
+            loss, grad = _chunk_loss_and_grad(h, w, targets[rows], True, mult)
             total += loss
             g = grad.to(compute_dtype)
-            grad_hidden[start : start + chunk_rows] = torch.mm(g, w).mul_(grad_scale)
-            gw = torch.mm(g.t(), h * grad_scale)  # (V, D); the scale rides on the small operand
+            if fp16:
+                grad_hidden[rows] = _mm_fp32_out(g, w).mul_(unscale)
+                gw = _mm_fp32_out(g.t(), h)  # (V, D), fp32
+            else:
+                grad_hidden[rows] = torch.mm(g, w).mul_(grad_scale)
+                gw = torch.mm(g.t(), h * grad_scale)  # the scale rides on the small operand
             if grad_weight is None:
                 grad_weight = gw.float()  # the first chunk allocates: no zero fill of (V, D)
             else:
                 grad_weight += gw
         if grad_weight is None:  # no supervised rows at all
             grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        elif fp16:
+            grad_weight.mul_(unscale)  # one fp32 pass over (V, D) per call
         ctx.grad_scale = grad_scale
-        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+        ctx.dtypes = hidden.dtype, weight.dtype
+        if not fp16:  # fp32 / bf16: stored in the parameters' own dtypes, as before
+            grad_weight = grad_weight.to(weight.dtype)
+        ctx.save_for_backward(grad_hidden, grad_weight)
         return total
 
     @staticmethod
     def backward(ctx, grad_output):  # noqa: D102
         grad_hidden, grad_weight = ctx.saved_tensors
         # The loss is a scalar, so its upstream gradient is one number; usually the one the
-        # gradients were already scaled by.
+        # gradients were already scaled by (times a GradScaler's factor under fp16).
         factor = float(grad_output) / ctx.grad_scale
         if factor != 1.0:
             grad_hidden, grad_weight = grad_hidden * factor, grad_weight * factor
-        return grad_hidden, grad_weight, None, None, None, None
+        hidden_dtype, weight_dtype = ctx.dtypes
+        return grad_hidden.to(hidden_dtype), grad_weight.to(weight_dtype), None, None, None, None
 
 
 def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:

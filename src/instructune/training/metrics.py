@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
 import statistics
 import sys
 import time
@@ -159,10 +158,25 @@ def supervised_mfu(n_params: int, supervised_tokens_per_s: float, peak_flops: fl
     return 6 * n_params * supervised_tokens_per_s / peak_flops
 
 
-def peak_rss_bytes() -> int:
-    """Peak resident memory of this process (``ru_maxrss``; KiB on Linux, bytes on macOS)."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024
+def peak_rss_bytes() -> int | None:
+    """Peak resident memory of this process in bytes, or None where it cannot be read.
+
+    ``resource.getrusage`` (Unix: ``ru_maxrss``, KiB on Linux, bytes on macOS); on Windows,
+    which has no ``resource`` module, psutil's ``peak_wset`` when psutil is installed.
+    """
+    try:
+        import resource
+    except ImportError:
+        resource = None
+    if resource is not None:
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss if sys.platform == "darwin" else rss * 1024
+    try:
+        import psutil
+    except ImportError:
+        return None
+    peak = getattr(psutil.Process().memory_info(), "peak_wset", None)  # Windows only
+    return int(peak) if peak is not None else None
 
 
 def environment() -> dict[str, Any]:

@@ -4,7 +4,8 @@ A checkpoint is a directory ``checkpoints/step-000050/`` holding
 
 - ``model.safetensors``: the weights (tied tensors stored once),
 - ``optimizer.pt``: the optimizer (and gradient scaler) state, only in the newest checkpoint,
-- ``rng.pt``: the random states of Python, NumPy, torch and CUDA,
+- ``rng.pt``: the random states of Python, NumPy, torch and CUDA of process 0, and
+  ``rng-rank1.pt``, ``rng-rank2.pt``, ... those of the other processes under torchrun,
 - ``state.json``: the progress (step, epoch, batches done in the epoch, tokens seen, losses),
 - ``manifest.json``: size and sha256 of each of the files above, written last.
 
@@ -37,7 +38,7 @@ from instructune.utils.io import atomic_write_json, sha256_file
 CHECKPOINT_DIR = "checkpoints"
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
-RNG_FILE = "rng.pt"
+RNG_FILE = "rng.pt"  # rank 0's; rank r > 0 has rng_file(r)
 STATE_FILE = "state.json"
 MANIFEST_FILE = "manifest.json"
 BEST_FILE = "best.json"
@@ -77,6 +78,42 @@ class TrainProgress:
 
 
 # ---------------------------------------------------------------------------- random states
+
+# Rank r > 0 seeds seed + r * _RANK_SEED_STRIDE (mod 2**32): a large prime, so that the streams
+# of nearby seeds and ranks (seed 1 rank 1, seed 2 rank 0) do not coincide.
+_RANK_SEED_STRIDE = 1_000_003
+
+
+def rank_seed(seed: int, rank: int = 0) -> int:
+    """The seed of process ``rank``: ``seed`` itself for rank 0 (a single-process run is
+    unchanged), ``(seed + 1_000_003 * rank) % 2**32`` for the others."""
+    if rank == 0:
+        return seed
+    return (seed + _RANK_SEED_STRIDE * rank) % 2**32
+
+
+def seed_everything(seed: int, rank: int = 0) -> None:
+    """Seed Python, NumPy and torch (every CUDA device too) with ``rank_seed(seed, rank)``.
+
+    Each process of a torchrun run gets its own stream, so dropout masks differ across
+    processes instead of repeating; the data order does not use these generators. A random
+    initialisation must still be the same everywhere (the loss before training is measured
+    before DistributedDataParallel copies rank 0's weights), so a run seeds in two steps::
+
+        seed_everything(seed)             # every process: the same initial weights
+        model = build_model(...)
+        if rank:                          # then a stream of its own (rank 0 keeps going)
+            seed_everything(seed, rank)
+    """
+    value = rank_seed(seed, rank)
+    random.seed(value)
+    np.random.seed(value)
+    torch.manual_seed(value)
+
+
+def rng_file(rank: int) -> str:
+    """The checkpoint file holding process ``rank``'s random states."""
+    return RNG_FILE if rank == 0 else f"rng-rank{rank}.pt"
 
 
 def capture_rng() -> dict[str, Any]:
@@ -150,11 +187,14 @@ def save_checkpoint(
     scaler: Any = None,
     keep: int = 2,
     extra: dict[str, Any] | None = None,
+    rng_states: list[dict[str, Any]] | None = None,
 ) -> Path:
     """Write ``run_dir/checkpoints/step-NNNNNN`` atomically, then prune to the last ``keep``.
 
-    The best checkpoint by validation loss is never pruned (``checkpoints/best.json`` names it);
-    optimizer state is kept only in the newest checkpoint.
+    ``rng_states``: every process's :func:`capture_rng`, in rank order (default: this
+    process's alone); each goes to its own file, listed in the manifest. The best checkpoint
+    by validation loss is never pruned (``checkpoints/best.json`` names it); optimizer state
+    is kept only in the newest checkpoint.
     """
     from safetensors.torch import save_model
 
@@ -165,16 +205,21 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    files = [MODEL_FILE, RNG_FILE, STATE_FILE]
+    if rng_states is None:
+        rng_states = [capture_rng()]
+    files = [MODEL_FILE, STATE_FILE]
     save_model(model, str(tmp / MODEL_FILE))
-    _torch_save(capture_rng(), tmp / RNG_FILE)
+    for rank, rng in enumerate(rng_states):
+        _torch_save(rng, tmp / rng_file(rank))
+        files.append(rng_file(rank))
     if optimizer is not None:
         opt_state = {"optimizer": optimizer.state_dict()}
         if scaler is not None:
             opt_state["scaler"] = scaler.state_dict()
         _torch_save(opt_state, tmp / OPTIMIZER_FILE)
         files.append(OPTIMIZER_FILE)
-    atomic_write_json(tmp / STATE_FILE, {"progress": progress.to_dict(), **(extra or {})})
+    state = {"progress": progress.to_dict(), "rng_ranks": len(rng_states), **(extra or {})}
+    atomic_write_json(tmp / STATE_FILE, state)
     _write_manifest(tmp, files)  # last: a checkpoint without a manifest is incomplete
     _fsync_dir(tmp)
     if final.exists():  # the same step saved again (e.g. Ctrl-C right after a checkpoint)
@@ -243,7 +288,8 @@ def prune_checkpoints(root: Path, *, keep: int) -> None:
         if path in keep_set and (path / OPTIMIZER_FILE).exists():
             # Manifest first, then the file: a kill between the two leaves a complete, valid
             # checkpoint (an unlisted optimizer file), never a manifest naming a missing file.
-            files = [n for n in (MODEL_FILE, RNG_FILE, STATE_FILE) if (path / n).exists()]
+            listed = (_read_json(path / MANIFEST_FILE) or {}).get("files", {})
+            files = [n for n in listed if n != OPTIMIZER_FILE and (path / n).exists()]
             _write_manifest(path, files)
             (path / OPTIMIZER_FILE).unlink()
     for pattern in (".tmp-*", ".old-*"):  # left by a crash during a save
@@ -292,12 +338,15 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     scaler: Any = None,
     restore_random: bool = True,
+    rank: int | None = None,
 ) -> tuple[TrainProgress, dict[str, Any]]:
     """Load weights (and optimizer, scaler, RNG states) from a checkpoint directory.
 
     Returns the progress and the rest of ``state.json``. When the checkpoint has no optimizer
     state (an older one, used because the newest was corrupt) the optimizer starts afresh and
-    ``state["optimizer_restored"]`` is False.
+    ``state["optimizer_restored"]`` is False. Each process restores its own random states:
+    those of ``rank`` (default: this process's rank in the running process group, else 0);
+    CheckpointError when the checkpoint has none for it.
     """
     from safetensors.torch import load_model
 
@@ -305,21 +354,34 @@ def load_checkpoint(
     problems = verify_checkpoint(path)
     if problems:
         raise CheckpointError(f"checkpoint {path} is unusable: " + "; ".join(problems))
+    state = _read_json(path / STATE_FILE) or {}
+    state["optimizer_restored"] = False
+    listed = (_read_json(path / MANIFEST_FILE) or {}).get("files", {})
+    rank = _current_rank() if rank is None else rank
+    rng_name = rng_file(rank)
+    if restore_random and rng_name not in listed:  # refuse before changing anything
+        raise CheckpointError(
+            f"checkpoint {path} has no random state for process {rank} ({rng_name}): it was "
+            f"saved by {state.get('rng_ranks', 1)} process(es); resume with as many."
+        )
     missing, unexpected = load_model(model, str(path / MODEL_FILE), strict=False)
     if unexpected or missing:
         raise CheckpointError(
             f"checkpoint {path} does not fit the model: missing {sorted(missing)[:5]}, "
             f"unexpected {sorted(unexpected)[:5]}"
         )
-    state = _read_json(path / STATE_FILE) or {}
-    state["optimizer_restored"] = False
-    listed = (_read_json(path / MANIFEST_FILE) or {}).get("files", {})
     if optimizer is not None and OPTIMIZER_FILE in listed:  # only files the manifest vouches for
         opt_state = torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
         optimizer.load_state_dict(opt_state["optimizer"])
         if scaler is not None and "scaler" in opt_state:
             scaler.load_state_dict(opt_state["scaler"])
         state["optimizer_restored"] = True
-    if restore_random and (path / RNG_FILE).exists():
-        restore_rng(torch.load(path / RNG_FILE, map_location="cpu", weights_only=True))
+    if restore_random:
+        restore_rng(torch.load(path / rng_name, map_location="cpu", weights_only=True))
     return TrainProgress.from_dict(state.get("progress", {})), state
+
+
+def _current_rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
