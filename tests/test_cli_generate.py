@@ -150,3 +150,17 @@ def test_answer_records_library_call(tiny):
     out = answer_records(tiny, records, max_new_tokens=6, batch_size=2, progress=False)
     assert all("model_response" not in r for r in records)  # the inputs are not changed
     assert [r["model_response"] for r in out] == expected_answers(tiny, records, 6)
+
+
+def test_a_sampled_run_resumed_gives_what_one_run_gives(tiny, tmp_path):
+    # Record i samples with seed + i, so its answer does not depend on which batch it fell in
+    # (a resumed run batches only the records still missing).
+    options = dict(max_new_tokens=8, temperature=1.0, top_k=50, seed=5, progress=False)
+    whole = answer_records(tiny, RECORDS, batch_size=2, out_path=tmp_path / "a.json", **options)
+    out_path = tmp_path / "b.json"
+    partial = [whole[0], whole[3]]  # answers of a run that ended early (longest prompts first)
+    out_path.write_text(json.dumps(partial[:1] + RECORDS[1:3] + partial[1:] + RECORDS[4:]))
+    resumed = answer_records(tiny, RECORDS, batch_size=2, out_path=out_path, **options)
+    assert resumed == whole
+    again = answer_records(tiny, RECORDS, batch_size=4, **options)
+    assert again == whole

@@ -18,10 +18,10 @@ from instructune.generation import (
     ContextLengthError,
     GenerationError,
     GenerationResult,
-    _held_back,
     generate,
     stream,
 )
+from instructune.generation.text import held_back
 from instructune.models import build_model, get_config
 from instructune.tokenization.gpt2 import GPT2Tokenizer
 
@@ -145,19 +145,35 @@ def test_batched_greedy_equals_one_at_a_time(tok, arch):
     assert [r.prompt_tokens for r in batched] == [len(tok.encode(p)) for p in PROMPTS]
 
 
+def common_prefix(rows: list[list[int]]) -> int:
+    """How many leading ids every row shares, short of the shortest row's last id."""
+    limit = min(len(r) for r in rows) - 1
+    n = 0
+    while n < limit and all(r[n] == rows[0][n] for r in rows):
+        n += 1
+    return n
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_a_shared_prefix_is_run_once_and_changes_nothing(tok, arch):
-    from instructune.generation import _BatchDecoder, _Sampler
-
     model = tiny_model(arch, seed=4)
     preamble = "Below is an instruction that describes a task. Write a response.\n\n"
     prompts = [preamble + p for p in PROMPTS]
     ids = [tok.encode(p) for p in prompts]
-    decoder = _BatchDecoder(
-        model, ids, max_new_tokens=1, sampler=_Sampler(), generators=[], stop_ids={EOS},
-        pad_id=EOS, vocab_limit=None, use_cache=True,
-    )  # fmt: skip
-    assert decoder._shared_prefix() >= len(tok.encode(preamble.rstrip())) > 10
+    shared = common_prefix(ids)
+    assert shared >= len(tok.encode(preamble.rstrip())) > 10
+    # Every token id the model embeds, row by row, during one prefill of the whole batch.
+    embedded: list[list[int]] = []
+    hook = model.tok_emb.register_forward_hook(lambda _m, a, _o: embedded.extend(a[0].tolist()))
+    try:
+        generate(model, tok, ids, max_new_tokens=1, batch_size=len(ids))
+    finally:
+        hook.remove()
+    # The prefix runs once, alone; then each row runs only its own rest (left-padded with EOS).
+    assert embedded[0] == ids[0][:shared]
+    rests = [row[next(k for k, t in enumerate(row) if t != EOS) :] for row in embedded[1:]]
+    assert sorted(rests) == sorted(p[shared:] for p in ids)
+    # And it changes no answer.
     batched = generate(model, tok, prompts, max_new_tokens=10, batch_size=4)
     single = [generate(model, tok, [p], max_new_tokens=10)[0] for p in prompts]
     ties = greedy_differences(model, tok, prompts, batched, single)
@@ -206,6 +222,19 @@ def test_same_seed_same_answers_whatever_the_batch_size(tok):
     assert [r.token_ids for r in first] != [r.token_ids for r in other]
     greedy = generate(model, tok, PROMPTS, max_new_tokens=10)
     assert [r.token_ids for r in first] != [r.token_ids for r in greedy]
+
+
+def test_one_seed_per_prompt(tok):
+    # answer_records seeds each record by its index, so its answer never depends on its batch.
+    model = tiny_model()
+    options = dict(max_new_tokens=6, temperature=1.0)
+    by_offset = generate(model, tok, PROMPTS[:4], seed=7, **options)
+    by_prompt = generate(model, tok, PROMPTS[:4], seed=[7, 8, 9, 10], batch_size=2, **options)
+    assert [r.token_ids for r in by_prompt] == [r.token_ids for r in by_offset]
+    (third,) = generate(model, tok, PROMPTS[2:3], seed=[9], **options)
+    assert third.token_ids == by_offset[2].token_ids
+    with pytest.raises(GenerationError, match="2 seeds for 4 prompts"):
+        generate(model, tok, PROMPTS[:4], seed=[1, 2], **options)
 
 
 def test_top_k_one_and_a_tiny_top_p_are_greedy(tok):
@@ -368,11 +397,11 @@ def test_stream_holds_back_a_possible_stop_string_and_cuts_it(tok):
 
 
 def test_held_back():
-    assert _held_back("abc", []) == 0
-    assert _held_back("ab\ufffd\ufffd", []) == 2
-    assert _held_back("done\n##", ["\n### Instruction:"]) == 3
-    assert _held_back("done\n# x", ["\n### Instruction:"]) == 0
-    assert _held_back("ok <|im", ["<|im_end|>", "<|user|>"]) == 4
+    assert held_back("abc", []) == 0
+    assert held_back("ab\ufffd\ufffd", []) == 2
+    assert held_back("done\n##", ["\n### Instruction:"]) == 3
+    assert held_back("done\n# x", ["\n### Instruction:"]) == 0
+    assert held_back("ok <|im", ["<|im_end|>", "<|user|>"]) == 4
 
 
 @pytest.mark.parametrize("style", ["alpaca", "chat"])

@@ -115,12 +115,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _style_and_stops(loaded, args) -> tuple[str, list[str]]:
-    from instructune.data.prompts import stop_strings_for
+    from instructune.generation import style_and_stops
 
-    fmt = loaded.prompt_format
-    style = args.style or (fmt.style if fmt is not None else "alpaca")
-    saved = fmt is not None and fmt.style == style
-    stops = list(fmt.stop_strings) if saved else stop_strings_for(style)
+    style, stops = style_and_stops(loaded, args.style)
     return style, stops + list(args.stop)
 
 

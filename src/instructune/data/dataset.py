@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from instructune.data.prompts import format_example
-from instructune.tokenization.base import Tokenizer
+from instructune.tokenization.base import Tokenizer, encode_prompt
 
 
 @dataclass(frozen=True)
@@ -31,22 +31,6 @@ class TokenizedRecord:
         return len(self.ids)
 
 
-def encode_with_bos(tokenizer: Tokenizer, text: str, *, add_bos: bool | None = None) -> list[int]:
-    """``tokenizer.encode(text)`` starting with exactly one BOS when ``add_bos`` (default: the
-    tokenizer's ``add_bos``) and the tokenizer has a BOS id.
-
-    A chat template may render the BOS token as text, which ``encode`` maps to its id; then no
-    second one is prepended. Training (:func:`tokenize_record`) and generation
-    (``instructune.generation.encode_prompt``) both encode prompts with this, so a prompt's ids
-    are the same in both.
-    """
-    ids = list(tokenizer.encode(text))
-    add_bos = tokenizer.add_bos if add_bos is None else add_bos
-    if add_bos and tokenizer.bos_id is not None and ids[:1] != [tokenizer.bos_id]:
-        ids.insert(0, tokenizer.bos_id)
-    return ids
-
-
 def tokenize_record(
     record: Mapping[str, Any],
     tokenizer: Tokenizer,
@@ -64,7 +48,7 @@ def tokenize_record(
     prompt, response = format_example(record, style, chat_template=chat_template)
     if tokenizer.add_bos and tokenizer.bos_id is None:
         raise ValueError(f"{tokenizer.name}: add_bos is set but bos_id is None")
-    prompt_ids = encode_with_bos(tokenizer, prompt)
+    prompt_ids = encode_prompt(tokenizer, prompt)
     ids = prompt_ids + tokenizer.encode(response) + [tokenizer.eos_id]
     return TokenizedRecord(ids=ids, prompt_len=len(prompt_ids))
 

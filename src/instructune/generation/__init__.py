@@ -11,19 +11,24 @@ token, stop string, token budget); finished rows are dropped from the batch, so 
 what its still-running rows cost. Responses are cut by token ids at the prompt length, never by
 slicing decoded text.
 
-Modules, one job each:
+Modules, one job each (each states its public names; none imports another's private ones):
 
-- ``base``: ``GenerationResult``, ``GenerationError``, ``ContextLengthError``.
-- ``sampling``: greedy / temperature / top-k / top-p, one seeded generator per prompt.
-- ``decoding``: the batched, KV-cached decoding loop (``_BatchDecoder``).
-- ``text``: encoding prompts and fitting them to the context; stop strings; results.
+- ``base``: ``GenerationResult``, ``FinishReason``, ``GenerationError``, ``ContextLengthError``.
+- ``sampling``: ``Sampler`` (greedy / temperature / top-k / top-p), ``prompt_generators``
+  (one seeded generator per prompt).
+- ``decoding``: ``BatchDecoder``, the batched, KV-cached decoding loop, and its model helpers.
+- ``text``: fitting prompts to the context, stop strings, results.
 - ``api``: ``generate()`` and ``stream()``.
-- ``answering``: ``answer_records()`` (the book's section 7.7) and ``stop_ids_for()``.
+- ``answering``: ``answer_records()`` (the book's section 7.7, the one answering loop), and
+  what it answers with: ``stop_ids_for()``, ``style_and_stops()``.
+
+Prompts are encoded by ``encode_prompt`` (defined in ``instructune.tokenization.base``, the one
+encoder training uses too, and exported here because prompts for ``generate`` start there).
 """
 
 from __future__ import annotations
 
-from instructune.generation.answering import answer_records, stop_ids_for
+from instructune.generation.answering import answer_records, stop_ids_for, style_and_stops
 from instructune.generation.api import generate, stream
 from instructune.generation.base import (
     ContextLengthError,
@@ -31,12 +36,7 @@ from instructune.generation.base import (
     GenerationError,
     GenerationResult,
 )
-
-# Private names the tests import from here, as they did from the single module.
-from instructune.generation.decoding import _BatchDecoder as _BatchDecoder
-from instructune.generation.sampling import _Sampler as _Sampler
-from instructune.generation.text import _held_back as _held_back
-from instructune.generation.text import encode_prompt
+from instructune.tokenization.base import encode_prompt
 
 __all__ = [
     "ContextLengthError",
@@ -48,4 +48,5 @@ __all__ = [
     "generate",
     "stop_ids_for",
     "stream",
+    "style_and_stops",
 ]

@@ -1,24 +1,48 @@
-"""Answering a data set (the book's section 7.7): ``answer_records`` and ``stop_ids_for``."""
+"""Answering a data set (the book's section 7.7): ``answer_records``, and the end tokens and
+stop strings it answers with (``stop_ids_for``, ``style_and_stops``).
+
+``answer_records`` is the one answering loop: ``instructune generate --data``, the pipeline's
+test split and its per-epoch sample all run it.
+"""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from instructune.errors import DataError
 from instructune.generation.api import generate
-from instructune.generation.text import encode_prompt
+from instructune.generation.base import GenerationResult
+from instructune.tokenization.base import encode_prompt
+
+if TYPE_CHECKING:
+    from instructune.checkpoints.load import LoadedModel
+
+# Answer files are written as the book writes its responses (json.dump(..., indent=4)).
+_JSON_INDENT = 4
 
 
-def stop_ids_for(loaded: Any) -> list[int]:
+def stop_ids_for(loaded: LoadedModel) -> list[int]:
     """End tokens for a loaded model: its saved prompt format's and its tokenizer's."""
     ids = [loaded.tokenizer.eos_id]
     fmt = getattr(loaded, "prompt_format", None)
     if fmt is not None and fmt.eos_id is not None and fmt.eos_id not in ids:
         ids.append(fmt.eos_id)
     return ids
+
+
+def style_and_stops(loaded: LoadedModel, style: str | None = None) -> tuple[str, list[str]]:
+    """The prompt style to answer with (default: the model's saved one, else ``alpaca``) and its
+    stop strings: the saved prompt format's when ``style`` is the saved style, else the style's
+    own (``stop_strings_for(style)``)."""
+    from instructune.data.prompts import stop_strings_for
+
+    fmt = loaded.prompt_format
+    style = style or (fmt.style if fmt is not None else "alpaca")
+    saved = fmt is not None and fmt.style == style
+    return style, list(fmt.stop_strings) if saved else stop_strings_for(style)
 
 
 def _without(record: dict, key: str) -> dict:
@@ -54,7 +78,7 @@ def _previous_answers(out_path: Path, records: list[dict], key: str) -> dict[int
 
 
 def answer_records(
-    loaded: Any,
+    loaded: LoadedModel,
     records: Sequence[dict],
     *,
     style: str | None = None,
@@ -69,6 +93,8 @@ def answer_records(
     stop_strings: Sequence[str] | None = None,
     add_bos: bool | None = None,
     progress: bool = True,
+    desc: str | None = None,
+    on_answered: Callable[[dict[int, GenerationResult]], None] | None = None,
 ) -> list[dict]:
     """Answer every record, as the book's section 7.7 does, in batches.
 
@@ -80,11 +106,16 @@ def answer_records(
         records: instruction records (``instruction``, ``input``, ``output``...).
         style: prompt style; default the model's saved ``prompt_format.style``, else ``alpaca``.
         out_path: if given, the JSON list of answered records is written there atomically after
-            every batch, and answers already in it (for the same records) are kept, not redone.
-        stop_strings: default: the saved prompt format's when ``style`` is the saved style,
-            else the style's own (``stop_strings_for(style)``).
+            every batch (indented 4, as the book writes it), and answers already in it (for the
+            same records) are kept, not redone.
+        stop_strings: default: ``style_and_stops(loaded, style)``'s.
         add_bos: default: the saved prompt format's, else the tokenizer's.
-        progress: show a tqdm progress bar.
+        seed: record i samples with a generator seeded ``seed + i``, so a sampled answer does
+            not depend on the batch it fell in, and a resumed run gives what one run would.
+        progress: show a tqdm progress bar (labelled ``desc``).
+        on_answered: called after each batch with ``{record index: GenerationResult}``, before
+            the batch's answers are written to ``out_path`` (so whatever it saves is never
+            behind the answers file).
         The other options are ``generate``'s; the end tokens are ``stop_ids_for(loaded)``.
 
     Returns:
@@ -92,14 +123,13 @@ def answer_records(
     """
     from tqdm.auto import tqdm
 
-    from instructune.data.prompts import extract_response, format_prompt, stop_strings_for
+    from instructune.data.prompts import extract_response, format_prompt
     from instructune.utils.io import atomic_write_json
 
     tokenizer, fmt = loaded.tokenizer, loaded.prompt_format
-    style = style or (fmt.style if fmt is not None else "alpaca")
+    style, default_stops = style_and_stops(loaded, style)
     if stop_strings is None:
-        saved = fmt is not None and fmt.style == style
-        stop_strings = list(fmt.stop_strings) if saved else stop_strings_for(style)
+        stop_strings = default_stops
     if add_bos is None and fmt is not None:
         add_bos = fmt.add_bos
     out = [_without(dict(r), response_key) for r in records]
@@ -118,7 +148,13 @@ def answer_records(
     }
     # Longest first, batch by batch, so each batch holds similar lengths and is saved once done.
     pending.sort(key=lambda i: -len(prompts[i]))
-    bar = tqdm(total=len(out), initial=len(out) - len(pending), unit="record", disable=not progress)
+    bar = tqdm(
+        total=len(out),
+        initial=len(out) - len(pending),
+        desc=desc,
+        unit="record",
+        disable=not progress,
+    )
     try:
         for start in range(0, len(pending), batch_size):
             batch = pending[start : start + batch_size]
@@ -130,18 +166,20 @@ def answer_records(
                 temperature=temperature,
                 top_k=top_k,
                 top_p=top_p,
-                seed=None if seed is None else seed + start,
+                seed=None if seed is None else [seed + i for i in batch],
                 stop_ids=stop_ids_for(loaded),
                 stop_strings=stop_strings,
                 batch_size=batch_size,
             )
             for i, result in zip(batch, results, strict=True):
                 out[i][response_key] = extract_response(result.text, style)
+            if on_answered is not None:
+                on_answered(dict(zip(batch, results, strict=True)))
             if out_path is not None:
-                atomic_write_json(out_path, out)
+                atomic_write_json(out_path, out, indent=_JSON_INDENT)
             bar.update(len(batch))
     finally:
         bar.close()
     if out_path is not None and not pending:
-        atomic_write_json(out_path, out)
+        atomic_write_json(out_path, out, indent=_JSON_INDENT)
     return out

@@ -1,6 +1,6 @@
 """``generate()`` and ``stream()``: check the options, encode and fit the prompts, decode.
 
-Both run the one decoding loop (``decoding._BatchDecoder``); ``generate`` sorts the prompts
+Both run the one decoding loop (``decoding.BatchDecoder``); ``generate`` sorts the prompts
 by length and decodes them in batches, ``stream`` yields one prompt's text as it comes.
 """
 
@@ -14,24 +14,19 @@ import torch
 
 from instructune.generation.base import GenerationError, GenerationResult
 from instructune.generation.decoding import (
-    _BatchDecoder,
-    _context_length,
-    _eval_mode,
-    _model_device_dtype,
+    BatchDecoder,
+    context_length_of,
+    eval_mode,
+    model_device_dtype,
 )
-from instructune.generation.sampling import _generators, _Sampler
-from instructune.generation.text import (
-    _finish_row,
-    _fit_context,
-    _held_back,
-    _stop_checker,
-    encode_prompt,
-)
+from instructune.generation.sampling import Sampler, prompt_generators
+from instructune.generation.text import fit_context, held_back, make_result, stop_checker
+from instructune.tokenization.base import encode_prompt
 
 
 @dataclass
 class _Setup:
-    sampler: _Sampler
+    sampler: Sampler
     stop_ids: set[int]
     stop_strings: list[str]
     context_length: int | None
@@ -64,22 +59,22 @@ def _setup(
         stop_strings = [stop_strings]
     stops = [s for s in (stop_strings or []) if s]
     return _Setup(
-        _Sampler(temperature, top_k, top_p),
+        Sampler(temperature, top_k, top_p),
         set(stop_ids),
         stops,
-        _context_length(model),
+        context_length_of(model),
         max_new_tokens,
         context,
-        _stop_checker(tokenizer, stops),
+        stop_checker(tokenizer, stops),
     )
 
 
-def _prompt_ids(
+def _encode_and_fit(
     tokenizer: Any, prompt: str | Sequence[int], index: int, setup: _Setup
 ) -> list[int]:
     """Encode ``prompt`` (a string gets BOS when the tokenizer adds one) and fit the context."""
     ids = encode_prompt(tokenizer, prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
-    return _fit_context(
+    return fit_context(
         ids,
         index=index,
         context_length=setup.context_length,
@@ -96,9 +91,9 @@ def _decoder(
     prompts: list[list[int]],
     generators: list[torch.Generator],
     use_cache: bool,
-) -> _BatchDecoder:
+) -> BatchDecoder:
     """The decoding loop for one batch of encoded prompts, configured by ``setup``."""
-    return _BatchDecoder(
+    return BatchDecoder(
         model,
         prompts,
         max_new_tokens=setup.max_new_tokens,
@@ -121,7 +116,7 @@ def generate(
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
-    seed: int | None = None,
+    seed: int | Sequence[int] | None = None,
     stop_ids: Sequence[int] | int | None = None,
     stop_strings: Sequence[str] | str | None = None,
     batch_size: int = 16,
@@ -141,8 +136,8 @@ def generate(
         temperature: 0 is greedy; above 0, sample from softmax(logits / temperature).
         top_k: sample among the k most likely tokens only.
         top_p: sample among the most likely tokens that together hold probability ``top_p``.
-        seed: prompt i samples with a generator seeded ``seed + i``, so the same seed gives the
-            same answers whatever the batch size.
+        seed: prompt i samples with a generator seeded ``seed + i`` (or ``seed[i]``, given one
+            seed per prompt), so the same seed gives the same answers whatever the batch size.
         stop_ids: end token ids (default: ``tokenizer.eos_id``); the token is not in the result.
         stop_strings: strings that end generation, checked on the new text; cut from the text.
         batch_size: prompts decoded together (sorted by length to waste little on padding).
@@ -169,13 +164,13 @@ def generate(
         stop_strings=stop_strings,
         context=context,
     )
-    encoded = [_prompt_ids(tokenizer, p, i, setup) for i, p in enumerate(prompts)]
-    device, _ = _model_device_dtype(model)
-    generators = _generators(seed, len(encoded), device) if not setup.sampler.greedy else []
+    encoded = [_encode_and_fit(tokenizer, p, i, setup) for i, p in enumerate(prompts)]
+    device, _ = model_device_dtype(model)
+    generators = prompt_generators(seed, len(encoded), device) if not setup.sampler.greedy else []
     # Longest first: similar lengths share a batch, and memory trouble shows up at once.
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     results: list[GenerationResult | None] = [None] * len(encoded)
-    with _eval_mode(model):
+    with eval_mode(model):
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
             decoder = _decoder(
@@ -189,7 +184,7 @@ def generate(
             while not decoder.done:
                 decoder.step()
             for j, i in enumerate(batch):
-                results[i] = _finish_row(
+                results[i] = make_result(
                     tokenizer,
                     decoder.new_ids[j],
                     decoder.finish[j] or "length",
@@ -231,22 +226,22 @@ def stream(
         stop_strings=stop_strings,
         context=context,
     )
-    ids = _prompt_ids(tokenizer, prompt, 0, setup)
-    device, _ = _model_device_dtype(model)
-    generators = _generators(seed, 1, device) if not setup.sampler.greedy else []
+    ids = _encode_and_fit(tokenizer, prompt, 0, setup)
+    device, _ = model_device_dtype(model)
+    generators = prompt_generators(seed, 1, device) if not setup.sampler.greedy else []
     decoder = _decoder(model, tokenizer, setup, [ids], generators, use_cache)
     sent = ""
-    with _eval_mode(model):
+    with eval_mode(model):
         while not decoder.done:
             decoder.step()
             if decoder.done:
                 break
             text = tokenizer.decode(decoder.new_ids[0])
-            safe = text[: len(text) - _held_back(text, setup.stop_strings)]
+            safe = text[: len(text) - held_back(text, setup.stop_strings)]
             if len(safe) > len(sent) and safe.startswith(sent):
                 yield safe[len(sent) :]
                 sent = safe
-        final = _finish_row(
+        final = make_result(
             tokenizer, decoder.new_ids[0], decoder.finish[0] or "length", setup.stop_strings, 0
         )
     if final.text.startswith(sent) and len(final.text) > len(sent):

@@ -1,9 +1,12 @@
-"""The decoding loop: ``_BatchDecoder`` runs one batch of prompts a token at a time.
+"""The decoding loop: ``BatchDecoder`` runs one batch of prompts a token at a time.
 
 It prefills the (left-padded) batch, running a prefix all prompts share once, feeds each
 chosen token back through the KV cache (or, with ``use_cache=False``, reruns the whole
 sequence), stops rows on an end token, a stop string or the token budget, and drops finished
 rows from the batch. The model helpers it needs live here too.
+
+Public names: ``BatchDecoder``, and the model helpers ``model_device_dtype``,
+``context_length_of`` and ``eval_mode``.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import Any
 import torch
 
 from instructune.generation.base import FinishReason
-from instructune.generation.sampling import _Sampler
+from instructune.generation.sampling import Sampler
 
 # A prefix all prompts of a batch share is run once when it is at least this long (below
 # that, copying its keys/values to every row costs about what it saves).
@@ -27,14 +30,16 @@ _MIN_SHARED_PREFIX = 4
 # Model helpers
 
 
-def _model_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+def model_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Device and dtype of the model's first floating-point parameter (CPU, fp32 if none)."""
     for p in model.parameters():
         if p.is_floating_point():
             return p.device, p.dtype
     return torch.device("cpu"), torch.float32
 
 
-def _context_length(model: torch.nn.Module) -> int | None:
+def context_length_of(model: torch.nn.Module) -> int | None:
+    """The model's context length from its ``cfg`` or ``config``; None when it names none."""
     for attr in ("cfg", "config"):
         length = getattr(getattr(model, attr, None), "context_length", None)
         if length:
@@ -43,7 +48,7 @@ def _context_length(model: torch.nn.Module) -> int | None:
 
 
 @contextmanager
-def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
     """eval() for generation, then back to whatever mode the caller had (e.g. mid-training)."""
     was_training = model.training
     model.eval()
@@ -76,11 +81,25 @@ def _keep_cache_rows(cache: Any, rows: torch.Tensor) -> bool:
 # The decoding loop
 
 
-class _BatchDecoder:
+class BatchDecoder:
     """Decodes one batch of prompts, one token per ``step()``, for every row still running.
 
-    Per-prompt state (``new_ids``, ``finish``) is kept in plain lists indexed by the prompt's
-    position in the batch; ``rows`` maps the tensor rows still in the batch to those positions.
+    Call ``step()`` until ``done``; then ``new_ids[i]`` holds prompt i's new tokens (the end
+    token excluded) and ``finish[i]`` why it stopped (None until it has). Per-prompt state is
+    kept in plain lists indexed by the prompt's position in the batch; ``rows`` maps the tensor
+    rows still in the batch to those positions.
+
+    Args:
+        model: a model with ``forward``, ``forward_hidden``, ``output_weight``, ``new_cache``.
+        prompts: the encoded prompts (already fitted to the context).
+        max_new_tokens: the token budget per prompt.
+        sampler: how each token is chosen.
+        generators: one per prompt when sampling, else empty.
+        stop_ids: end token ids.
+        pad_id: the id put in padded positions (never attended to).
+        vocab_limit: ids at or above it are never chosen (embedding rows past the tokenizer's).
+        use_cache: False reruns the whole sequence for every token.
+        stop_check: ``(prompt index, its new ids) -> bool``, True when a stop string appeared.
     """
 
     def __init__(
@@ -89,7 +108,7 @@ class _BatchDecoder:
         prompts: list[list[int]],
         *,
         max_new_tokens: int,
-        sampler: _Sampler,
+        sampler: Sampler,
         generators: list[torch.Generator],
         stop_ids: set[int],
         pad_id: int,
@@ -111,7 +130,7 @@ class _BatchDecoder:
         self.finish: list[FinishReason | None] = [None] * len(prompts)
         self.rows: list[int] = list(range(len(prompts)))
         self.steps = 0
-        self.device, self.dtype = _model_device_dtype(model)
+        self.device, self.dtype = model_device_dtype(model)
         if max_new_tokens <= 0:
             self.rows = []
             for i in range(len(prompts)):
@@ -119,6 +138,7 @@ class _BatchDecoder:
 
     @property
     def done(self) -> bool:
+        """Whether every prompt has finished."""
         return not self.rows
 
     # -- the model side ----------------------------------------------------------------------

@@ -1,4 +1,7 @@
-"""Sampling: greedy, or temperature then top-k then top-p; one seeded generator per prompt."""
+"""Sampling: greedy, or temperature then top-k then top-p; one seeded generator per prompt.
+
+Public names: ``Sampler`` (the choice of a token) and ``prompt_generators``.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +15,9 @@ from instructune.generation.base import GenerationError
 
 
 @dataclass(frozen=True)
-class _Sampler:
-    """Greedy when ``temperature == 0``; otherwise temperature, then top-k, then top-p."""
+class Sampler:
+    """How the next token is chosen from the logits: greedy when ``temperature == 0``;
+    otherwise temperature, then top-k, then top-p. Bad settings raise ``GenerationError``."""
 
     temperature: float = 0.0
     top_k: int | None = None
@@ -29,6 +33,7 @@ class _Sampler:
 
     @property
     def greedy(self) -> bool:
+        """Whether the choice is the argmax (no generator is drawn from)."""
         return self.temperature == 0
 
     def choose(self, logits: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
@@ -55,9 +60,18 @@ class _Sampler:
         )
 
 
-def _generators(seed: int | None, count: int, device: torch.device) -> list[torch.Generator]:
-    """Prompt i samples from a generator seeded ``seed + i``; no seed draws one from torch's RNG
-    (so ``torch.manual_seed`` still makes a run repeatable)."""
+def prompt_generators(
+    seed: int | Sequence[int] | None, count: int, device: torch.device
+) -> list[torch.Generator]:
+    """One generator per prompt: prompt i is seeded ``seed + i``, or ``seed[i]`` when ``seed``
+    gives one seed per prompt. No seed draws one from torch's RNG (so ``torch.manual_seed``
+    still makes a run repeatable)."""
     if seed is None:
         seed = int(torch.randint(0, 2**62, (1,)).item())
-    return [torch.Generator(device=device).manual_seed(seed + i) for i in range(count)]
+    if isinstance(seed, int):
+        seeds = [seed + i for i in range(count)]
+    else:
+        seeds = [int(s) for s in seed]
+        if len(seeds) != count:
+            raise GenerationError(f"seed: got {len(seeds)} seeds for {count} prompts")
+    return [torch.Generator(device=device).manual_seed(s) for s in seeds]

@@ -1,6 +1,9 @@
-"""Prompts in, text out: encoding and fitting prompts to the context, stop strings, results.
+"""Prompts in, text out: fitting prompts to the context, stop strings, results.
 
-Responses are cut by token ids at the prompt length, never by slicing decoded text.
+Responses are cut by token ids at the prompt length, never by slicing decoded text. Prompts are
+encoded by ``instructune.tokenization.base.encode_prompt``, the one encoder training uses too.
+
+Public names: ``fit_context``, ``stop_checker``, ``held_back`` and ``make_result``.
 """
 
 from __future__ import annotations
@@ -9,7 +12,6 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from instructune.data.dataset import encode_with_bos
 from instructune.generation.base import (
     ContextLengthError,
     FinishReason,
@@ -20,14 +22,7 @@ from instructune.generation.base import (
 _REPLACEMENT = "\ufffd"  # what a decoder yields for an incomplete multi-byte character
 
 
-def encode_prompt(tokenizer: Any, prompt: str, *, add_bos: bool | None = None) -> list[int]:
-    """The ids the model sees for ``prompt``: BOS first, once, when ``add_bos`` (default: the
-    tokenizer's ``add_bos``) and the tokenizer has one. A BOS that a chat template already
-    rendered as text is not doubled, as in training (``data.dataset.encode_with_bos``)."""
-    return encode_with_bos(tokenizer, prompt, add_bos=add_bos)
-
-
-def _fit_context(
+def fit_context(
     ids: list[int],
     *,
     index: int,
@@ -36,7 +31,9 @@ def _fit_context(
     context: str,
     bos_id: int | None,
 ) -> list[int]:
-    """Crop the prompt from the left (keeping a leading BOS) or refuse, as ``context`` says."""
+    """Prompt ``index``'s ids, fitted so that they plus ``max_new_tokens`` fit
+    ``context_length``: cropped from the left (keeping a leading ``bos_id``, with a warning)
+    when ``context == "crop"``, refused with ``ContextLengthError`` when ``"error"``."""
     if not ids:
         raise GenerationError(f"prompt {index} is empty: the model needs at least one token")
     if context_length is None:
@@ -72,13 +69,15 @@ def _cut_at_stop(text: str, stop_strings: Sequence[str]) -> tuple[str, bool]:
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
-def _finish_row(
+def make_result(
     tokenizer: Any,
     new_ids: list[int],
     finish: FinishReason,
     stop_strings: Sequence[str],
     prompt_tokens: int,
 ) -> GenerationResult:
+    """The ``GenerationResult`` for one finished prompt: its new ids decoded, and for a stop
+    string (``finish == "stop"``) the text and ids cut before it."""
     text = tokenizer.decode(new_ids)
     ids = list(new_ids)
     if finish == "stop":
@@ -89,7 +88,7 @@ def _finish_row(
     return GenerationResult(text, ids, finish, prompt_tokens)
 
 
-def _held_back(text: str, stop_strings: Sequence[str]) -> int:
+def held_back(text: str, stop_strings: Sequence[str]) -> int:
     """How many characters at the end of ``text`` a stream must not yield yet: an incomplete
     multi-byte character (U+FFFD) or the start of what may become a stop string."""
     end = len(text)
@@ -104,9 +103,11 @@ def _held_back(text: str, stop_strings: Sequence[str]) -> int:
     return len(text) - end + longest
 
 
-def _stop_checker(
+def stop_checker(
     tokenizer: Any, stop_strings: list[str]
 ) -> Callable[[int, list[int]], bool] | None:
+    """A ``BatchDecoder`` ``stop_check``: True once a row's new text holds a stop string; None
+    when there are no stop strings."""
     if not stop_strings:
         return None
     longest = max(len(s) for s in stop_strings)

@@ -43,3 +43,19 @@ class Tokenizer(Protocol):
     def save(self, directory: str | os.PathLike) -> list[str]:
         """Write files that ``transformers.AutoTokenizer.from_pretrained`` loads; return their names."""
         ...
+
+
+def encode_prompt(tokenizer: Tokenizer, text: str, *, add_bos: bool | None = None) -> list[int]:
+    """The ids a model sees for ``text``: ``tokenizer.encode(text)``, starting with exactly one
+    BOS when ``add_bos`` (default: the tokenizer's ``add_bos``) and the tokenizer has a BOS id.
+
+    Training (``data.dataset.tokenize_record``) and every kind of answering (``generation``,
+    the pipeline, the CLI) encode prompts with this one function, so a prompt's ids are the same
+    in all of them. A chat template may render the BOS token as text, which ``encode`` maps to
+    its id; then no second one is put in front.
+    """
+    ids = list(tokenizer.encode(text))
+    add_bos = tokenizer.add_bos if add_bos is None else add_bos
+    if add_bos and tokenizer.bos_id is not None and ids[:1] != [tokenizer.bos_id]:
+        ids.insert(0, tokenizer.bos_id)
+    return ids
