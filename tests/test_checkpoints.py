@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import typing
 
 import pytest
 import torch
@@ -122,6 +124,50 @@ def test_equivalence_with_transformers(hf_case):
             steps.append(model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1],
                                position_ids=pos[:, t : t + 1], cache=cache))  # fmt: skip
         assert max_diff(torch.cat(steps, 1), expected, mask) < TOL
+
+
+def test_loaded_model_is_one_typed_keyword_dataclass():
+    from instructune.data.prompts import PromptFormat
+    from instructune.tokenization.base import Tokenizer
+
+    names = [f.name for f in dataclasses.fields(LoadedModel)]
+    assert names == ["model", "tokenizer", "config", "prompt_format", "source", "weights"]
+    hints = typing.get_type_hints(LoadedModel)
+    assert hints["tokenizer"] is Tokenizer and hints["config"] is ModelConfig
+    assert hints["prompt_format"] == PromptFormat | None and hints["weights"] is str
+    random = load_model("gpt2", init="random", device="meta", log=None)
+    # Built by keyword (as the pipeline builds its smaller random models); never by position.
+    again = LoadedModel(
+        model=random.model,
+        tokenizer=random.tokenizer,
+        config=random.config,
+        prompt_format=None,
+        source="gpt2 (overrides)",
+        weights="random init",
+    )
+    assert again.describe() == "weights: random init" and isinstance(again.tokenizer, Tokenizer)
+    with pytest.raises(TypeError):
+        LoadedModel(random.model, random.tokenizer, random.config, None, "x", "random init")
+
+
+def test_the_weights_are_described_once_on_load(tmp_path, capsys):
+    ref = hf_llama(tie=True)
+    path = save_hf(ref, tmp_path / "m", byte_tokenizer())
+    capsys.readouterr()
+    loaded = load_model(path)
+    assert loaded.weights == "safetensors fp32, loaded as fp32"
+    assert capsys.readouterr().err == "weights: safetensors fp32, loaded as fp32\n"
+    said: list[str] = []
+    bf16 = load_model(path, dtype=torch.bfloat16, log=said.append)
+    assert said == ["weights: safetensors fp32, loaded as bf16"] == [bf16.describe()]
+    out = save_model(tmp_path / "s", bf16.model, bf16.tokenizer, bf16.config)
+    assert load_model(out, log=None).weights == "safetensors bf16, loaded as fp32"
+    assert load_model("gpt2", init="random", device="meta", log=None).weights == "random init"
+    assert capsys.readouterr().err == ""  # log=None says nothing
+    state = {k: v.clone() for k, v in ref.state_dict().items() if k != "lm_head.weight"}
+    (path / "model.safetensors").unlink()
+    torch.save(state, path / "pytorch_model.bin")
+    assert load_model(path, log=None).weights == "pytorch_model.bin fp32, loaded as fp32"
 
 
 def test_config_is_read_from_config_json(hf_case):

@@ -135,6 +135,39 @@ def test_show_chat_style_needs_a_template(data40, fixtures, capsys):
     assert report["prompt_lengths"]["min"] > 5
 
 
+def test_system_turns_reach_the_chat_style_and_are_counted_for_the_others(
+    fixtures, tmp_path, capsys
+):
+    lines = []
+    for i in range(20):
+        turns = [
+            {"role": "user", "content": f"What is {i} plus one?"},
+            {"role": "assistant", "content": f"{i + 1}"},
+        ]
+        if i % 4 == 0:
+            turns.insert(0, {"role": "system", "content": "Answer with digits."})
+        lines.append(json.dumps({"messages": turns}))
+    data = tmp_path / "chat.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    tok = str(fixtures / "tiny-tokenizer")
+    assert main(["data", "show", str(data), "0", "--style", "chat", "--tokenizer", tok,
+                 "--json"]) == 0  # fmt: skip
+    out, err = capsys.readouterr()
+    assert json.loads(out)["prompt"] == (
+        "<|im_start|>system\nAnswer with digits.<|im_end|>\n"
+        "<|im_start|>user\nWhat is 0 plus one?<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert err == ""
+    assert main(["data", "show", str(data), "0"]) == 0
+    out, err = capsys.readouterr()
+    assert "Answer with digits." not in out
+    assert "1 of 1 records have a system turn, which the alpaca style cannot express" in err
+    assert main(["data", "inspect", str(data), "--style", "phi3"]) == 0
+    assert "5 of 20 records have a system turn, which the phi3 style" in capsys.readouterr().err
+    assert main(["data", "inspect", str(data), "--style", "chat", "--tokenizer", tok]) == 0
+    assert "system turn" not in capsys.readouterr().err
+
+
 def test_inspect_prints_every_figure(data40, capsys):
     assert main(["data", "inspect", data40, "--batch-size", "4"]) == 0
     out = capsys.readouterr().out

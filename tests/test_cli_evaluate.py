@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
 import socket
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
 
 import pytest
-from judge_server import JudgeServer, expected_score, slow
+from judge_server import OK, JudgeServer, expected_score
 
 from instructune.cli.main import main
 
@@ -100,31 +101,49 @@ def test_bad_input_is_a_clear_error(tmp_path, capsys):
 @pytest.mark.slow
 def test_ctrl_c_then_resume_asks_only_for_the_rest(tmp_path):
     """A real SIGINT to a running ``instructune evaluate``: the judgements received so far are
-    in the cache; the re-run asks the judge only for the others."""
-    n = 12
+    in the cache; the re-run asks the judge only for the others.
+
+    No timing decides the outcome: the server holds the 4th request until the process has
+    said "interrupted", so the run can neither finish before the signal nor send a 5th request.
+    """
+    n, held = 12, 3
     records = _write_records(tmp_path / "r.json", n)
     cache = tmp_path / "out" / "judge-cache.jsonl"
     args = [sys.executable, "-m", "instructune", "evaluate", str(tmp_path / "r.json"),
             "--judge", "ollama:llama3", "--out", str(tmp_path / "out"), "--quiet"]  # fmt: skip
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
-    with JudgeServer(script=lambda i, body: slow(0.3)) as first:
-        proc = subprocess.Popen([*args, "--url", first.url], env=env, stderr=subprocess.PIPE)
+    arrived, release = threading.Event(), threading.Event()
+
+    def hold_the_fourth(i: int, body: dict):
+        if i == held:
+            arrived.set()
+            release.wait(120)  # a safety net only: the test releases it
+        return OK
+
+    with JudgeServer(script=hold_the_fourth) as first:
+        proc = subprocess.Popen(
+            [*args, "--url", first.url], env=env, stderr=subprocess.PIPE, text=True
+        )
+        lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=lambda: [lines.put(x) for x in proc.stderr], daemon=True).start()
         try:
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                if cache.exists() and len(cache.read_text().splitlines()) >= 3:
-                    break
-                time.sleep(0.05)
+            assert arrived.wait(120), "the 4th judge request never came"
+            # Requests go one at a time (one worker), each cached before the next is sent.
+            assert len(cache.read_text().splitlines()) == held
             proc.send_signal(signal.SIGINT)
-            _, err = proc.communicate(timeout=30)
+            err = []
+            while not any("interrupted" in line for line in err):
+                err.append(lines.get(timeout=60))
+            release.set()  # the request in flight is answered, then the process exits
+            assert proc.wait(timeout=60) == 130, "".join(err)
         finally:
+            release.set()
             if proc.poll() is None:
                 proc.kill()
-    assert proc.returncode == 130, err.decode()
     done = len(cache.read_text().splitlines())
-    assert 3 <= done < n
-    # Every answer the server sent was cached (the one in flight finished before exit).
-    assert done == len(first.chat_requests)
+    # Every answer the server sent was cached, the one in flight at Ctrl-C included, and
+    # nothing was asked after it.
+    assert done == held + 1 == len(first.chat_requests)
 
     with JudgeServer() as second:
         rc = subprocess.run([*args, "--url", second.url], env=env, timeout=60).returncode

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 
 import pytest
@@ -17,7 +18,10 @@ from instructune.data.prompts import (
     prompt_format_for,
     render_chat_template,
     stop_strings_for,
+    system_turn_notice,
+    use_prompt_date,
 )
+from instructune.data.records import load_records
 from instructune.errors import DataError
 
 # What the book prints in chapter 7.2 for data[50] and data[999] (model input + response).
@@ -93,6 +97,97 @@ def test_chat_style_renders_the_template_with_a_generation_prompt():
     assert response == "Red."
     no_input = format_prompt({"instruction": "Hi", "output": ""}, "chat", chat_template=CHATML)
     assert no_input == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+
+
+# SmolLM2-135M-Instruct's template (as in the embedded GGUF): its default system turn is used
+# only when the first message is not a system turn.
+SMOLLM2 = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
+    "Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + "
+    "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def test_chat_style_passes_a_records_system_turn_to_the_template(tmp_path):
+    line = {
+        "messages": [
+            {"role": "system", "content": "Answer in French."},
+            {"role": "user", "content": "Name a colour."},
+            {"role": "assistant", "content": "Rouge."},
+        ]
+    }
+    (tmp_path / "chat.jsonl").write_text(json.dumps(line) + "\n")
+    record = load_records(tmp_path / "chat.jsonl").records[0]
+    prompt, response = format_example(record, "chat", chat_template=SMOLLM2)
+    # The record's system turn replaces the template's default one.
+    assert prompt == (
+        "<|im_start|>system\nAnswer in French.<|im_end|>\n"
+        "<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert response == "Rouge."
+    no_system = format_prompt({"instruction": "Hi", "output": ""}, "chat", chat_template=SMOLLM2)
+    assert no_system.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+    # An empty system turn is no system turn.
+    assert format_prompt({"instruction": "Hi", "system": ""}, "chat", chat_template=SMOLLM2) == (
+        no_system
+    )
+
+
+def test_chat_style_with_a_system_turn_matches_transformers(fixtures):
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(str(fixtures / "tiny-tokenizer"))
+    record = {"system": "Be brief.", "instruction": "What is 2 plus 2?", "input": "Show it."}
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is 2 plus 2?\n\nShow it."},
+    ]
+    for template in (SMOLLM2, hf.chat_template):
+        expected = hf.apply_chat_template(
+            messages, chat_template=template, tokenize=False, add_generation_prompt=True
+        )
+        assert format_prompt(record, "chat", chat_template=template) == expected
+
+
+def test_system_turn_notice_counts_what_a_style_cannot_express():
+    records = [
+        {"instruction": "a", "output": "b", "system": "Be brief."},
+        {"instruction": "c", "output": "d"},
+        {"instruction": "e", "output": "f", "system": "Answer in French."},
+        {"instruction": "g", "output": "h", "system": "  "},
+    ]
+    for style in ("alpaca", "phi3"):
+        notice = system_turn_notice(records, style)
+        assert notice is not None and "2 of 4 records" in notice and f"the {style} style" in notice
+        assert "--style chat" in notice
+        # ...and the prompts of those styles really leave the system turn out.
+        assert "Be brief." not in format_prompt(records[0], style)
+    assert system_turn_notice(records, "chat") is None  # the chat style passes it on
+    assert system_turn_notice(records[1:2], "alpaca") is None  # nothing to say
+    assert system_turn_notice(iter(records), "alpaca") == system_turn_notice(records, "alpaca")
+    with pytest.raises(DataError, match="unknown prompt style"):
+        system_turn_notice(records, "vicuna")
+
+
+def test_use_prompt_date_fixes_what_strftime_now_renders():
+    template = "{{ 'Today Date: ' + strftime_now('%d %b %Y') }}{{ messages[0]['content'] }}"
+    record = {"instruction": "Hi", "output": ""}
+
+    def today() -> set[str]:  # before and after, so a run across midnight still passes
+        return {f"Today Date: {datetime.date.today():%d %b %Y}Hi"}
+
+    before = today()
+    outside = format_prompt(record, "chat", chat_template=template)  # compiled and cached here
+    assert outside in before | today()
+    with use_prompt_date(datetime.date(2024, 7, 26)):
+        assert format_prompt(record, "chat", chat_template=template) == "Today Date: 26 Jul 2024Hi"
+        with use_prompt_date(None):  # None means today again
+            assert format_prompt(record, "chat", chat_template=template) in before | today()
+        time_fmt = render_chat_template("{{ strftime_now('%Y-%m-%d %H:%M') }}", [])
+        assert time_fmt == "2024-07-26 00:00"  # a date renders as midnight
+    after = format_prompt(record, "chat", chat_template=template)
+    assert after in before | today()
 
 
 def test_chat_template_matches_transformers(fixtures):
@@ -191,3 +286,8 @@ def test_smollm2_chat_template_from_the_embedded_gguf():
         "Face<|im_end|>\n<|im_start|>user\nWhat is 9 times 7?<|im_end|>\n<|im_start|>assistant\n"
     )
     assert response == "63."
+    assert template == SMOLLM2  # the copy the tests above use
+    # A record's own system turn takes the default's place.
+    with_system = {**rec, "system": "Answer with a number."}
+    prompt = format_prompt(with_system, "chat", chat_template=template)
+    assert prompt.startswith("<|im_start|>system\nAnswer with a number.<|im_end|>\n<|im_start|>")

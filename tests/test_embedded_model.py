@@ -48,6 +48,8 @@ def test_logits_match_transformers_gguf_loading_and_save_roundtrip(embedded, tmp
     tok = loaded.tokenizer
     assert (tok.eos_token, tok.eos_id, tok.pad_id, tok.add_bos) == ("<|im_end|>", 2, 2, False)
     assert loaded.config.n_layers == 30 and loaded.config.tie_embeddings
+    # The default model is 4-bit: said on load, and kept on the LoadedModel for run.json.
+    assert loaded.weights == "Q4_1 GGUF (some tensors Q8_0), dequantised to fp32"
     prompt = (
         "Below is an instruction that describes a task. Write a response that appropriately "
         "completes the request.\n\n### Instruction:\nWhat is an antonym of 'complicated'?"

@@ -26,7 +26,7 @@ from judge_server import (
 from instructune.errors import InstructuneError
 from instructune.evaluation import evaluate_responses
 from instructune.evaluation.cache import Judgement, JudgementCache
-from instructune.evaluation.clients import JudgeError, JudgeUnavailableError
+from instructune.evaluation.clients import JudgeError, JudgeUnavailableError, parse_judge
 from instructune.evaluation.prompt import RETRY_SUFFIX, SCORE_SCHEMA, build_judge_prompt
 
 FAST = {"backoff": 0.05, "quiet": True, "embeddings": False, "histogram": False}
@@ -112,6 +112,62 @@ def test_no_api_key_sends_no_authorization(tmp_path, monkeypatch):
             make_records(1), out_dir=tmp_path, judge="openai:m", url=server.url, **FAST
         )
     assert server.auth_headers == [None]
+
+
+def test_api_key_is_not_sent_over_plain_http_to_another_host(tmp_path, monkeypatch):
+    """http://0.0.0.0 is not a loopback address, yet on Linux it reaches the server on
+    127.0.0.1: so the refusal is seen to happen before anything is sent."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-123")
+    with JudgeServer() as server:
+        port = server.url.rsplit(":", 1)[1]
+        with pytest.raises(JudgeError) as info:
+            evaluate_responses(
+                make_records(2), out_dir=tmp_path, judge="openai:m",
+                url=f"http://0.0.0.0:{port}", **FAST,
+            )  # fmt: skip
+        # Without the key nothing is secret, and the same URL is used as given.
+        monkeypatch.delenv("OPENAI_API_KEY")
+        assert server.other_requests == [] and server.chat_requests == []
+        evaluate_responses(
+            make_records(1), out_dir=tmp_path / "b", judge="openai:m",
+            url=f"http://0.0.0.0:{port}", **FAST,
+        )  # fmt: skip
+    message = str(info.value)
+    assert "OPENAI_API_KEY" in message and "plain http to 0.0.0.0" in message
+    assert "https://" in message and "nothing was sent" in message
+    assert server.auth_headers == [None]
+
+
+@pytest.mark.parametrize(
+    ("url", "allowed"),
+    [
+        ("https://api.openai.com", True),
+        ("https://10.1.2.3:8443/v1", True),
+        ("http://127.0.0.1:8000", True),
+        ("http://127.8.9.10:8000", True),
+        ("http://localhost:8080", True),
+        ("http://LOCALHOST.:8080", True),
+        ("http://[::1]:8000", True),
+        ("http://[::ffff:127.0.0.1]:8000", True),
+        ("http://10.1.2.3:8000", False),
+        ("http://judge.example.com", False),
+        ("http://localhost.example.com", False),
+        ("http://0.0.0.0:8000", False),
+        ("http://[::]:8000", False),
+    ],
+)
+def test_where_an_api_key_may_go(monkeypatch, url, allowed):
+    from instructune.evaluation.openai_compat import OpenAIClient
+
+    spec = parse_judge("openai:m", url)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-123")
+    if allowed:
+        assert OpenAIClient(spec).spec.url == spec.url.removesuffix("/v1")
+    else:
+        with pytest.raises(JudgeError, match="unencrypted"):
+            OpenAIClient(spec)
+    monkeypatch.delenv("OPENAI_API_KEY")
+    OpenAIClient(spec)  # no key, nothing to protect
 
 
 @pytest.mark.parametrize("backend", ["ollama", "openai"])

@@ -98,12 +98,29 @@ def write_gguf(path, cfg: ModelConfig, hf_state: dict[str, np.ndarray], qtype, *
     return path
 
 
+def llama_cpp_row_order(n_heads: int, rows: int) -> list[int]:
+    """The HF row that lands at each GGUF row, written out from llama.cpp's rule.
+
+    llama.cpp's converter (``LlamaModel.permute`` in convert_hf_to_gguf.py) reorders the Q and
+    K rows of each head so that its RoPE, which rotates neighbouring rows, pairs what HF's
+    ``rotate_half`` pairs: rows ``i`` and ``i + head_dim / 2``. So GGUF rows ``2i`` and ``2i + 1``
+    of a head are HF rows ``i`` and ``i + head_dim / 2``. Built with loops on purpose, not with
+    the reshape that ``permute_rows`` uses, so the two are independent.
+    """
+    head_dim = rows // n_heads
+    order = []
+    for head in range(n_heads):
+        for i in range(head_dim // 2):
+            order += [head * head_dim + i, head * head_dim + head_dim // 2 + i]
+    return order
+
+
 def permute_like(hf_name: str, arr, cfg: ModelConfig):
     """llama.cpp's converter permutes the Q and K rows (per head) for its RoPE layout."""
     if ".q_proj." in hf_name:
-        return permute_rows(arr, cfg.n_heads)
+        return arr[llama_cpp_row_order(cfg.n_heads, arr.shape[0])]
     if ".k_proj." in hf_name:
-        return permute_rows(arr, cfg.n_kv_heads)
+        return arr[llama_cpp_row_order(cfg.n_kv_heads, arr.shape[0])]
     return arr
 
 
@@ -208,6 +225,76 @@ def test_permutation_is_inverted():
     w = np.arange(4 * 16 * 3).reshape(64, 3)
     assert np.array_equal(unpermute_rows(permute_rows(w, 4), 4), w)
     assert not np.array_equal(permute_rows(w, 4), w)
+
+
+# Two heads of head_dim 6, worked by hand from llama.cpp's rule: in each head, GGUF rows
+# (0, 1), (2, 3), (4, 5) are the RoPE pairs, which in HF's layout are rows (0, 3), (1, 4), (2, 5).
+HF_ROWS = np.arange(12)
+GGUF_ROWS = np.array([0, 3, 1, 4, 2, 5, 6, 9, 7, 10, 8, 11])
+
+
+def test_permutation_matches_a_hand_worked_two_head_example():
+    assert llama_cpp_row_order(2, 12) == GGUF_ROWS.tolist()
+    assert np.array_equal(permute_rows(HF_ROWS, 2), GGUF_ROWS)
+    assert np.array_equal(unpermute_rows(GGUF_ROWS, 2), HF_ROWS)  # what the loader does
+    w = np.arange(12 * 2).reshape(12, 2)  # whole rows move, columns stay
+    assert np.array_equal(unpermute_rows(w[GGUF_ROWS], 2), w)
+    assert np.array_equal(permute_rows(torch.from_numpy(w), 2).numpy(), w[GGUF_ROWS])
+
+
+def test_permutation_turns_hf_rope_into_llama_cpp_rope():
+    """The reason for the permutation: llama.cpp's RoPE (rotate neighbouring pairs) on the
+    GGUF rows equals HF's RoPE (rotate the two halves) on the HF rows, permuted."""
+    n_heads, head_dim, pos = 2, 6, 5
+    inv_freq = 1.0 / (10000.0 ** (np.arange(0, head_dim, 2) / head_dim))
+    cos, sin = np.cos(pos * inv_freq), np.sin(pos * inv_freq)
+    q = np.random.default_rng(0).standard_normal(n_heads * head_dim)
+
+    def hf_rope(x):  # per head: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)
+        out = []
+        for h in x.reshape(n_heads, head_dim):
+            x1, x2 = h[: head_dim // 2], h[head_dim // 2 :]
+            out.append(np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin]))
+        return np.concatenate(out)
+
+    def llama_cpp_rope(x):  # per head: each neighbouring pair (a, b) rotated by its angle
+        out = x.copy().reshape(n_heads, head_dim)
+        for h in out:
+            a, b = h[0::2].copy(), h[1::2].copy()
+            h[0::2], h[1::2] = a * cos - b * sin, b * cos + a * sin
+        return out.reshape(-1)
+
+    assert np.allclose(llama_cpp_rope(q[GGUF_ROWS]), hf_rope(q)[GGUF_ROWS])
+    assert np.allclose(llama_cpp_rope(permute_rows(q, n_heads)), hf_rope(q)[GGUF_ROWS])
+    assert not np.allclose(llama_cpp_rope(q), hf_rope(q))  # the layouts really differ
+
+
+@pytest.mark.parametrize(
+    ("qtype", "weights"),
+    [
+        (Q.Q4_1, "Q4_1 GGUF, dequantised to fp32"),
+        (Q.Q8_0, "Q8_0 GGUF, dequantised to fp32"),
+        (Q.F16, "F16 GGUF, loaded as fp32"),
+        (Q.F32, "F32 GGUF, loaded as fp32"),
+    ],
+    ids=["Q4_1", "Q8_0", "F16", "F32"],
+)
+def test_gguf_weights_are_described(tmp_path, qtype, weights):
+    path = write_gguf(tmp_path / "m.gguf", CFG, hf_state(hf_reference(CFG), CFG), qtype)
+    said: list[str] = []
+    assert load_model(path, log=said.append).weights == weights
+    assert said == [f"weights: {weights}"]
+
+
+def test_mixed_gguf_names_every_weight_type(tmp_path):
+    ref = hf_reference(CFG)
+    state = hf_state(ref, CFG)
+    embed = state["model.embed_tokens.weight"]
+    raw = {"model.embed_tokens.weight": (gguf.quants.quantize(embed, Q.Q8_0), Q.Q8_0)}
+    path = write_gguf(tmp_path / "m.gguf", CFG, state, Q.Q4_1, raw_blocks=raw)
+    loaded = load_model(path, dtype=torch.bfloat16, log=None)
+    # The norms are F32 in every GGUF and are not named; the type of most weights comes first.
+    assert loaded.weights == "Q4_1 GGUF (some tensors Q8_0), dequantised to bf16"
 
 
 def test_gguf_tokenizer_from_metadata(tmp_path):

@@ -200,6 +200,48 @@ class GGUFFile:
         return arr.astype(np.float32, copy=False).reshape(shape)
 
 
+# GGML types that store plain floats; every other type is a quantisation.
+FLOAT_TYPES = ("F32", "F16", "BF16", "F64")
+
+
+def gguf_type_name(qtype: int) -> str:
+    """GGML's name for a tensor type (``Q4_1``, ``F16``), or ``type N`` when gguf lacks it."""
+    from gguf import GGMLQuantizationType
+
+    try:
+        return GGMLQuantizationType(qtype).name
+    except ValueError:
+        return f"type {qtype}"
+
+
+def weight_types(g: GGUFFile) -> list[str]:
+    """The types of the file's weight matrices, the one holding most values first.
+
+    Only tensors of two or more dimensions count: llama.cpp keeps the 1-D norm vectors in F32
+    whatever the file's type, so they say nothing about the precision of the weights.
+    """
+    values: dict[str, int] = {}
+    for info in g.tensors.values():
+        if len(info.dims) >= 2 and info.name != "rope_freqs.weight":
+            name = gguf_type_name(info.qtype)
+            values[name] = values.get(name, 0) + math.prod(info.dims)
+    return sorted(values, key=lambda name: (-values[name], name))
+
+
+def describe_gguf_weights(g: GGUFFile, dtype_label: str) -> str:
+    """``"Q4_1 GGUF (some tensors Q8_0), dequantised to fp32"``: what the loaded weights are.
+
+    The type holding most of the weights is named first; any other matrix type follows, so a
+    mixed file is described honestly. ``dtype_label`` is what the weights become (``fp32``).
+    """
+    types = weight_types(g) or ["F32"]
+    text = f"{types[0]} GGUF"
+    if len(types) > 1:
+        text += f" (some tensors {'/'.join(types[1:])})"
+    quantised = any(t not in FLOAT_TYPES for t in types)
+    return f"{text}, {'dequantised to' if quantised else 'loaded as'} {dtype_label}"
+
+
 def config_from_gguf(g: GGUFFile) -> ModelConfig:
     """A ``ModelConfig`` from a llama-architecture GGUF's metadata (``llama.*`` keys)."""
     source = str(g.path)

@@ -10,6 +10,7 @@ tensor, so a save never needs a second, contiguous copy of the whole model.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from collections.abc import Iterable
@@ -31,6 +32,7 @@ _ST_DTYPES = {
     torch.uint8: "U8",
     torch.bool: "BOOL",
 }
+_ST_NAMES = {name: dtype for dtype, name in _ST_DTYPES.items()}
 
 
 class WeightReader:
@@ -87,6 +89,11 @@ class WeightReader:
                 raise ModelLoadError(f"{path}: not a readable safetensors file: {exc}") from None
         return self._open[path]
 
+    @property
+    def is_bin(self) -> bool:
+        """Whether the weights come from ``pytorch_model.bin`` (not safetensors)."""
+        return self._bin is not None
+
     def keys(self) -> set[str]:
         return set(self._bin) if self._bin is not None else set(self._files)
 
@@ -94,6 +101,24 @@ class WeightReader:
         if self._bin is not None:
             return self._bin[name]
         return self._handle(self._files[name]).get_tensor(name)
+
+    def stored_dtypes(self) -> list[torch.dtype]:
+        """The floating-point dtypes the tensors are stored in, the one holding most values first.
+
+        Read from the safetensors headers (no tensor data is loaded).
+        """
+        values: dict[torch.dtype, int] = {}
+        for name in self.keys():
+            if self._bin is not None:
+                t = self._bin[name]
+                dtype, numel = t.dtype, t.numel()
+            else:
+                part = self._handle(self._files[name]).get_slice(name)
+                dtype = _ST_NAMES.get(part.get_dtype())
+                numel = math.prod(part.get_shape())
+            if dtype is not None and dtype.is_floating_point:
+                values[dtype] = values.get(dtype, 0) + numel
+        return sorted(values, key=lambda d: (-values[d], str(d)))
 
     def dtype(self) -> torch.dtype | None:
         """The dtype of the first floating-point tensor (what the checkpoint was saved in)."""

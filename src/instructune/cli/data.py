@@ -194,6 +194,15 @@ def _tokenizer_and_template(args):
     return tokenizer, tokenizer.chat_template
 
 
+def _system_turn_notice(records, style: str) -> None:
+    """On stderr: how many records lose their system turn to ``style`` (nothing if none)."""
+    from instructune.data.prompts import system_turn_notice
+
+    notice = system_turn_notice(records, style)
+    if notice is not None:
+        print(notice, file=sys.stderr)
+
+
 def cmd_show(args) -> int:
     from instructune.data.prompts import format_example
     from instructune.data.sources import load_source
@@ -206,6 +215,7 @@ def cmd_show(args) -> int:
         )
     template = _tokenizer_and_template(args)[1] if args.style == "chat" else None
     prompt, response = format_example(records[args.index], args.style, chat_template=template)
+    _system_turn_notice([records[args.index]], args.style)
     if args.json:
         print(json.dumps({"prompt": prompt, "response": response}, ensure_ascii=False, indent=2))
         return 0
@@ -225,6 +235,7 @@ def cmd_inspect(args) -> int:
 
     records = load_source(args.src, skip_invalid=args.skip_invalid)
     tokenizer, _ = _tokenizer_and_template(args)
+    _system_turn_notice(records, args.style)
     report = inspect_records(
         records,
         tokenizer,

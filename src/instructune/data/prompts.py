@@ -8,15 +8,23 @@ Styles:
 * ``alpaca``: the book's ``format_input`` (chapter 7.2) followed by ``"\\n\\n### Response:\\n"``.
 * ``phi3``: the book's exercise 7.1 (``<|user|>\\n{instruction}``, ``\\n{input}`` when there is
   one, then ``\\n<|assistant|>:\\n`` and the output).
-* ``chat``: the tokenizer's own Jinja chat template, rendered with ``jinja2``: one user message
-  (the instruction, plus ``"\\n\\n" + input`` when there is one) and the generation prompt.
+* ``chat``: the tokenizer's own Jinja chat template, rendered with ``jinja2``: the record's
+  ``system`` turn when it has one, one user message (the instruction, plus ``"\\n\\n" + input``
+  when there is one) and the generation prompt.
+
+``alpaca`` and ``phi3`` have no place for a system turn; :func:`system_turn_notice` says how
+many records lose theirs. Templates that call ``strftime_now`` see the date fixed with
+:func:`use_prompt_date` (today's otherwise).
 
 The response text never contains the end token: tokenisation appends it as an id.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import contextvars
+import datetime
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -105,6 +113,11 @@ def user_message(record: Mapping[str, Any]) -> str:
     return _text(record, "instruction") + (f"\n\n{inp}" if inp else "")
 
 
+def system_message(record: Mapping[str, Any]) -> str:
+    """The record's ``system`` turn (from a chat-format line), or ``""`` when it has none."""
+    return _text(record, "system")
+
+
 def _chat(record: Mapping[str, Any], chat_template: str | None) -> tuple[str, str]:
     if not chat_template:
         raise DataError(
@@ -112,6 +125,11 @@ def _chat(record: Mapping[str, Any], chat_template: str | None) -> tuple[str, st
             "(this tokenizer has none: use --style alpaca or --style phi3)"
         )
     messages = [{"role": "user", "content": user_message(record)}]
+    system = system_message(record)
+    if system:
+        # Given to the template as the first turn, so a template with a default system prompt
+        # (SmolLM2's) uses the record's instead of its own.
+        messages.insert(0, {"role": "system", "content": system})
     return render_chat_template(chat_template, messages, add_generation_prompt=True), _text(
         record, "output"
     )
@@ -134,6 +152,7 @@ class PromptStyle:
     markers: tuple[str, ...]
     stop_strings: tuple[str, ...]
     description: str
+    system_turn: bool = False  # whether a record's ``system`` turn reaches the prompt
 
 
 STYLES: dict[str, PromptStyle] = {
@@ -159,6 +178,7 @@ STYLES: dict[str, PromptStyle] = {
         # The template's own end token (an id) ends the turn; no text markers needed.
         stop_strings=(),
         description="the tokenizer's own Jinja chat template",
+        system_turn=True,
     ),
 }
 
@@ -206,6 +226,27 @@ def extract_response(generated_text: str, style: str = "alpaca") -> str:
     return text.strip()
 
 
+def system_turn_notice(records: Iterable[Mapping[str, Any]], style: str) -> str | None:
+    """One line saying how many ``records`` carry a system turn that ``style`` leaves out.
+
+    None when the style passes system turns on (``chat``) or no record has one. Meant to be
+    printed once per data set, not once per record.
+    """
+    spec = get_style(style)
+    total = with_system = 0
+    for record in records:
+        total += 1
+        system = record.get("system")
+        with_system += isinstance(system, str) and bool(system.strip())
+    if spec.system_turn or not with_system:
+        return None
+    return (
+        f"note: {with_system} of {total} records have a system turn, which the {style} style "
+        "cannot express: it is left out of their prompts (--style chat passes it to the "
+        "model's chat template)"
+    )
+
+
 def stop_strings_for(style: str) -> list[str]:
     """Default strings at which generation should stop for ``style`` (new-turn markers)."""
     return list(get_style(style).stop_strings)
@@ -231,6 +272,39 @@ def prompt_format_for(tokenizer: Any, style: str = "alpaca") -> PromptFormat:
 
 # --- chat templates ---------------------------------------------------------------------------
 
+# The date ``strftime_now`` reports; None means today. A context variable, read at render time,
+# so the cached compiled templates below need no recompiling when a run fixes its date.
+_PROMPT_DATE: contextvars.ContextVar[datetime.date | None] = contextvars.ContextVar(
+    "instructune_prompt_date", default=None
+)
+
+
+@contextmanager
+def use_prompt_date(date: datetime.date | None) -> Iterator[None]:
+    """Make chat templates that call ``strftime_now`` render ``date`` (None: today) inside.
+
+    A template such as Llama 3's puts the current date into every prompt; fixing it keeps a
+    run's prompts (and so its tokens) the same on any day. A plain date renders as midnight;
+    a ``datetime`` is used as it is. The setting is per thread/task (a context variable):
+    threads started inside do not inherit it unless run in a copied context.
+    """
+    token = _PROMPT_DATE.set(date)
+    try:
+        yield
+    finally:
+        _PROMPT_DATE.reset(token)
+
+
+def prompt_now() -> datetime.datetime:
+    """What ``strftime_now`` formats: the date fixed by :func:`use_prompt_date`, else now."""
+    date = _PROMPT_DATE.get()
+    if date is None:
+        return datetime.datetime.now()
+    if isinstance(date, datetime.datetime):
+        return date
+    return datetime.datetime.combine(date, datetime.time())
+
+
 
 @lru_cache(maxsize=8)
 def _compile_template(template: str):
@@ -247,9 +321,7 @@ def _compile_template(template: str):
         return json.dumps(value, indent=indent, ensure_ascii=False)
 
     def strftime_now(fmt: str) -> str:
-        import datetime
-
-        return datetime.datetime.now().strftime(fmt)
+        return prompt_now().strftime(fmt)
 
     # The settings transformers uses for chat templates, so templates render the same way.
     env = ImmutableSandboxedEnvironment(

@@ -2,14 +2,17 @@
 
 Streamed answers are server-sent events: ``data: {json}`` lines whose ``choices[0].delta``
 carries a piece of the content, ending with ``data: [DONE]``. The API key, when one is needed,
-comes from ``OPENAI_API_KEY`` only.
+comes from ``OPENAI_API_KEY`` only, and is sent only over https or to a loopback address:
+plain http to another host would put it on the network in clear text.
 """
 
 from __future__ import annotations
 
 import http.client
+import ipaddress
 import json
 import os
+import urllib.parse
 
 from instructune.evaluation.clients import (
     JudgeClient,
@@ -29,6 +32,46 @@ OPENAI_HELP = (
 )
 
 
+API_KEY_ENV = "OPENAI_API_KEY"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is a loopback address (127.0.0.0/8, ::1) or ``localhost``.
+
+    Other names are not resolved (what a name resolves to can change), and ``0.0.0.0`` is not
+    a loopback address even where connecting to it happens to reach this machine.
+    """
+    host = host.strip("[]").rstrip(".").lower()
+    if host == "localhost" or host.endswith(".localhost"):  # RFC 6761: always loopback
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1 is 127.0.0.1
+    return (mapped or address).is_loopback
+
+
+def check_key_destination(url: str) -> None:
+    """Refuse to send ``OPENAI_API_KEY`` to ``url`` unless it is https or a loopback address.
+
+    Raises:
+        JudgeError: the key is set and ``url`` is plain http to another host (checked before
+            any connection is made).
+    """
+    if not os.environ.get(API_KEY_ENV):
+        return
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "https" or is_loopback(parts.hostname or ""):
+        return
+    raise JudgeError(
+        f"{API_KEY_ENV} is set and --url {url} is plain http to {parts.hostname}, so the key "
+        "would cross the network unencrypted; nothing was sent. Use an https:// URL, a "
+        f"loopback address (127.0.0.1, localhost), or unset {API_KEY_ENV} for a server that "
+        "needs no key"
+    )
+
+
 class OpenAIClient(JudgeClient):
     """Any OpenAI-compatible ``POST /v1/chat/completions`` (llama.cpp, vLLM, OpenAI itself).
 
@@ -40,6 +83,7 @@ class OpenAIClient(JudgeClient):
     def __init__(self, spec: JudgeSpec, **kwargs):
         if spec.url.endswith("/v1"):
             spec = JudgeSpec(spec.backend, spec.model, spec.url[: -len("/v1")])
+        check_key_destination(spec.url)
         super().__init__(spec, **kwargs)
 
     @property
@@ -58,8 +102,9 @@ class OpenAIClient(JudgeClient):
 
     def _headers(self) -> dict:
         headers = super()._headers()
-        key = os.environ.get("OPENAI_API_KEY")
+        key = os.environ.get(API_KEY_ENV)
         if key:
+            check_key_destination(self.spec.url)  # the key may have been set since __init__
             headers["Authorization"] = f"Bearer {key}"
         return headers
 
