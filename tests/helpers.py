@@ -27,3 +27,28 @@ def tiny_finetune_args(out: Path, *extra: str) -> list[str]:
         "--quiet",
         *extra,
     ]
+
+
+def tiny_config(out: Path, **settings):
+    """The settings of a short, unscored run of a tiny random GPT-2 on the 40-record fixture
+    (global batch 4, one step, one test answer), with ``settings`` on top."""
+    from instructune.config import resolve_config
+    from instructune.pipeline import parse_overrides
+
+    flags = {
+        "model": "gpt2",
+        "init": "random",
+        "model_overrides": parse_overrides(TINY_GPT2),
+        "data": str(FIXTURES / "instructions-40.json"),
+        "out": str(out),
+        "threads": 1,
+        "quiet": True,
+        "batch_size": 4,
+        "max_steps": 1,
+        "max_length": 128,  # the tiny model's context length
+        "eval_batches": 1,
+        "max_new_tokens": 4,
+        "test_limit": 1,
+        "evaluate": False,
+    }
+    return resolve_config(flags={**flags, **settings})

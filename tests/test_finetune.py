@@ -85,6 +85,9 @@ def test_every_output_file(finished_run):
     run = json.loads((out / "run.json").read_text())
     assert run["status"] == "finished"
     assert run["config"]["batch_size"] == 4 and run["config"]["model_overrides"]["n_layers"] == 2
+    assert run["model"] == {"source": "gpt2", "weights": "random init"}
+    assert run["world_size"] == 1 and run["global_batch"] == 4 and run["max_length"] == 128
+    assert run["prompt_date"] == run["started"][:10]
     assert run["environment"]["versions"]["torch"]
     assert run["timings"]["train_s"] > 0 and run["timings"]["total_s"] >= run["timings"]["train_s"]
     assert run["peak_memory"]["ru_maxrss_bytes"] > 10_000_000
@@ -95,6 +98,47 @@ def test_every_output_file(finished_run):
     ckpts = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
     assert ckpts[-2:] == ["step-000012", "step-000016"]
     assert (out / "checkpoints" / "step-000016" / "optimizer.pt").exists()
+
+
+@pytest.mark.slow  # two runs of 8 steps, each answering the test split
+def test_a_finished_run_extended_to_more_epochs_continues_the_same_run(finished_run, tmp_path):
+    """One epoch, then ``--resume`` with two: the steps after the first epoch are those of the
+    two-epoch run, bit for bit (the optimizer's moments and the random state carried over)."""
+    from instructune.config import apply_overrides
+    from instructune.pipeline import load_run_config, run_finetune
+    from instructune.training.metrics import read_metrics, without_timings
+
+    out = tmp_path / "one-epoch"
+    assert main(tiny_args(out, "--epochs", "1")) == 0
+    stale = json.loads((out / "responses.json").read_text())
+    for record in stale:  # answers of the one-epoch model must not survive the extension
+        record["model_response"] = "stale"
+    (out / "responses.json").write_text(json.dumps(stale))
+    weights_before = (out / "model.safetensors").read_bytes()
+
+    lines: list[str] = []
+    cfg = apply_overrides(load_run_config(out), {"epochs": 2})
+    summary = run_finetune(cfg, resume=True, log=lines.append)
+    assert "extending the finished run from step 8 to step 16" in lines
+    assert summary["steps"] == 16
+
+    def kind(records: list[dict], name: str) -> list[dict]:
+        return [r for r in without_timings(records) if r["kind"] == name]
+
+    extended = read_metrics(out / "metrics.jsonl")
+    reference = read_metrics(finished_run / "metrics.jsonl")
+    assert kind(extended, "step") == kind(reference, "step")
+    # The evaluations of the longer run, plus the one that ended the first run (step 8).
+    assert [r["step"] for r in kind(extended, "eval")] == [0, 1, 4, 7, 8, 10, 13, 16]
+    assert [r for r in kind(extended, "eval") if r["step"] != 8] == kind(reference, "eval")
+
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "finished" and run["results"]["steps"] == 16
+    assert run["config"]["epochs"] == 2 and run["extended_from_step"] == 8
+    assert (out / "model.safetensors").read_bytes() != weights_before
+    responses = json.loads((out / "responses.json").read_text())
+    assert len(responses) == 4 and all(r["model_response"] != "stale" for r in responses)
+    assert (out / "checkpoints" / "step-000016").is_dir()
 
 
 def tiny_fixture_path():

@@ -30,7 +30,8 @@ def fresh_dir(base: Path) -> Path:
 
 
 def summarize(out: Path, summary: dict, *, examples: int = 3) -> str:
-    """The closing report: files, loss curve ends, sample answers, end-token share, time."""
+    """The closing report: files, the weights, loss curve ends, sample answers, end-token share,
+    time."""
     lines = [f"\nfiles in {out}/:"]
     for name, what in [
         (
@@ -45,6 +46,9 @@ def summarize(out: Path, summary: dict, *, examples: int = 3) -> str:
     ]:
         if (out / name).exists():
             lines.append(f"  {name:<18} {what}")
+    model = _run_json(out).get("model")
+    if model:  # the default is 4-bit weights dequantised: say what was fine-tuned
+        lines.append(f"\nmodel: {model['source']} ({model['weights']})")
     evals = [r for r in read_metrics(out / "metrics.jsonl") if r.get("kind") == "eval"]
     if evals:
         first, last = evals[0], evals[-1]
@@ -70,6 +74,13 @@ def summarize(out: Path, summary: dict, *, examples: int = 3) -> str:
         )
     lines.append(f"total time {time.perf_counter() - _START:.0f} s (this process)")
     return "\n".join(lines)
+
+
+def _run_json(out: Path) -> dict:
+    try:
+        return json.loads((out / "run.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
 
 
 def main(argv: list[str] | None = None) -> int:

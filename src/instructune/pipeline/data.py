@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from instructune.config import FinetuneConfig
 from instructune.pipeline.messages import _warn
+
+if TYPE_CHECKING:
+    from instructune.tokenization.base import Tokenizer
+    from instructune.training.loop import LoopData
 
 
 def load_splits(cfg: FinetuneConfig) -> tuple[list[dict], list[dict], list[dict]]:
@@ -26,19 +32,27 @@ def load_splits(cfg: FinetuneConfig) -> tuple[list[dict], list[dict], list[dict]
     return list(train), list(val), list(test)
 
 
+def global_batch(cfg: FinetuneConfig, world_size: int) -> int:
+    """Records per optimizer step: ``batch_size x grad_accum x world_size``."""
+    return cfg.batch_size * cfg.grad_accum * world_size
+
+
 def build_loop_data(
     cfg: FinetuneConfig,
-    tokenizer,
+    tokenizer: Tokenizer,
     style: str,
     train_records: list[dict],
     val_records: list[dict],
     world_size: int = 1,
-):
+    *,
+    max_length: int | None = None,
+) -> LoopData:
     """Tokenise once and describe the batches: the loop's ``LoopData``.
 
     One optimizer step takes a global batch of ``batch_size x grad_accum x world_size``
     records from the pure ``batch_order`` (shuffled, or length-grouped; the last incomplete
     batch dropped, as the book's ``drop_last=True``); validation batches are in file order.
+    Sequences are cut at ``max_length`` (the run's resolved length; None: ``cfg.max_length``).
     """
     from instructune.data.collate import make_collate
     from instructune.data.dataset import tokenize_records
@@ -48,15 +62,17 @@ def build_loop_data(
     train_items = tokenize_records(train_records, tokenizer, style)
     val_items = tokenize_records(val_records, tokenizer, style)
     collate = make_collate(
-        pad_id=tokenizer.pad_id, max_length=cfg.max_length, mask_prompt=cfg.mask_instructions
+        pad_id=tokenizer.pad_id,
+        max_length=cfg.max_length if max_length is None else max_length,
+        mask_prompt=cfg.mask_instructions,
     )
     lengths = [len(item) for item in train_items]
-    global_batch = cfg.batch_size * cfg.grad_accum * world_size
+    records_per_step = global_batch(cfg, world_size)
 
     def order(epoch: int) -> list[list[int]]:
         return batch_order(
             lengths,
-            global_batch,
+            records_per_step,
             seed=cfg.seed,
             epoch=epoch,
             shuffle=True,

@@ -1,50 +1,314 @@
-"""``run_finetune(cfg)``: the chapter-7 job end to end (see :mod:`instructune.pipeline`)."""
+"""``run_finetune(cfg)``: the chapter-7 job as the stages it runs.
+
+    start -> set_up -> train -> save -> answer -> evaluate
+
+- ``start``: the machine (device, processes, precision), the run directory, and the date the
+  run's prompts see (saved in run.json, so a resume on another day formats them alike).
+- ``set_up``: data, model, tokenised batches, optimizer; on ``--resume`` the newest valid
+  checkpoint restored (a finished run with a later end set is extended).
+- ``train``: the book's initial losses, then the training loop to the last step.
+- ``save``: the model (loadable by ``load_model`` and transformers) and the loss plot.
+- ``answer``: the test split's answers (resumable: a run killed while answering continues).
+- ``evaluate``: scores, and the final run.json.
+
+Each stage is a function of :class:`Run`, the state handed from one stage to the next.
+"""
 
 from __future__ import annotations
 
-import random
+import dataclasses
+import datetime
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from instructune.config import FinetuneConfig
-from instructune.pipeline.data import build_loop_data, load_splits
+from instructune.config import ConfigError, FinetuneConfig
+from instructune.pipeline.data import build_loop_data, global_batch, load_splits
 from instructune.pipeline.messages import _info, _warn
-from instructune.pipeline.model import load_for_training, resolve_precision
-from instructune.pipeline.outputs import answer_test_split, evaluate_outputs, prompt_ids
+from instructune.pipeline.model import load_for_training, resolve_max_length, resolve_precision
+from instructune.pipeline.outputs import answer_test_split, evaluate_outputs, sample_answer
 from instructune.pipeline.run_dir import (
     METRICS_FILE,
     RESPONSES_FILE,
     RUN_FILE,
     RunDirError,
-    _read_run_json,
+    check_same_batches,
     prepare_run_dir,
+    prompt_date_of,
+    read_run_json,
 )
 from instructune.utils.io import atomic_write_json
 
-
-def _seed_everything(seed: int) -> None:
-    import numpy as np
+if TYPE_CHECKING:
     import torch
 
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+    from instructune.checkpoints.load import LoadedModel
+    from instructune.training.distributed import DistInfo
+    from instructune.training.loop import LoopData, LoopSettings
+    from instructune.training.state import TrainProgress
 
 
-def _peak_memory(device) -> dict[str, Any]:
+def run_finetune(
+    cfg: FinetuneConfig, *, resume: bool = False, log: Callable[[str], None] | None = None
+) -> dict[str, Any]:
+    """Run the whole fine-tuning job into ``cfg.out`` and return a summary (also in run.json).
+
+    With ``resume=True`` it continues the run in ``cfg.out`` from its newest valid checkpoint
+    with the same data order, random state and prompt date; a finished run whose ``epochs`` or
+    ``max_steps`` now end later is trained on to the new end. Raises InstructuneError
+    subclasses for bad input, ``TrainingDiverged`` on a NaN/inf loss and
+    ``TrainingInterrupted`` (a KeyboardInterrupt) after saving a checkpoint on Ctrl-C.
+    """
+    from instructune.data.prompts import use_prompt_date
+
+    run = start(cfg, resume=resume, log=log)
+    # Chat templates may print today's date (strftime_now): every prompt of the run, in
+    # training, samples and answers, sees the run's own date instead.
+    with use_prompt_date(run.prompt_date):
+        set_up(run)
+        summary = train(run)
+        if not run.info.is_main:  # the other processes only train
+            return summary
+        save(run)
+        responses = answer(run, summary)
+        evaluate(run, summary, responses)
+    return summary
+
+
+@dataclass
+class Run:
+    """The state one stage hands to the next. ``start`` fills the first group, ``set_up``
+    the second (they are unset before it runs)."""
+
+    cfg: FinetuneConfig
+    resume: bool
+    out: Path
+    device: torch.device
+    info: DistInfo
+    precision: str
+    quiet: bool
+    say: Callable[[str], None]
+    prompt_date: datetime.date
+    previous: dict[str, Any]  # the resumed run's run.json; {} for a fresh run
+    started: float  # time.perf_counter() at the start
+    timings: dict[str, float] = field(default_factory=dict)
+
+    loaded: LoadedModel = field(init=False)  # prompt_format: the run's, saved with the model
+    style: str = field(init=False)
+    train_records: list[dict] = field(init=False)
+    val_records: list[dict] = field(init=False)
+    test_records: list[dict] = field(init=False)
+    data: LoopData = field(init=False)
+    settings: LoopSettings = field(init=False)
+    optimizer: Any = field(init=False)
+    scaler: Any = field(init=False)  # GradScaler for fp16, else None
+    progress: TrainProgress = field(init=False)
+    total_steps: int = field(init=False)
+    run_info: dict[str, Any] = field(init=False)  # what run.json holds
+
+
+# ------------------------------------------------------------------------------ start
+
+
+def start(
+    cfg: FinetuneConfig, *, resume: bool = False, log: Callable[[str], None] | None = None
+) -> Run:
+    """The machine, the run directory and the run's prompt date; nothing heavy is loaded.
+
+    On resume, the run's run.json is read and a changed number of processes or global
+    batch is refused here, before anything is written.
+    """
     import torch
 
-    from instructune.training.metrics import peak_rss_bytes
+    from instructune.config import format_config
+    from instructune.training import distributed as dist
+    from instructune.utils.devices import pick_device
 
-    out: dict[str, Any] = {"ru_maxrss_bytes": peak_rss_bytes()}
-    if device.type == "cuda":
-        out["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
-    return out
+    cfg.validate()
+    started = time.perf_counter()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    device = pick_device(cfg.device)
+    info = dist.init_distributed(device)
+    device = dist.device_for(info, device)
+    quiet = cfg.quiet or not info.is_main
+    say = log or _info(quiet)
+    out = Path(cfg.out)
+    if info.is_main:
+        prepare_run_dir(out, overwrite=cfg.overwrite, resume=resume)
+    dist.barrier(info)
+    previous: dict[str, Any] = {}
+    if resume:
+        previous = read_run_json(out)
+        check_same_batches(
+            previous, world_size=info.world_size, global_batch=global_batch(cfg, info.world_size)
+        )
+    # Rank 0's date for every process: a fresh run started at midnight must not split it.
+    ordinal = prompt_date_of(previous).toordinal() if info.is_main else 0
+    prompt_date = datetime.date.fromordinal(dist.sum_ints([ordinal], info, device)[0])
+
+    precision = resolve_precision(cfg.precision, device)
+    if precision == "bf16" and device.type == "cpu":
+        say("note: bf16 autocast on CPU; fast only where the CPU has bf16 matrix instructions")
+    say(format_config(cfg))
+    say(
+        f"device {device}, precision {precision}, {torch.get_num_threads()} threads, "
+        f"{info.world_size} process(es), prompt date {prompt_date.isoformat()}"
+    )
+    return Run(
+        cfg=cfg,
+        resume=resume,
+        out=out,
+        device=device,
+        info=info,
+        precision=precision,
+        quiet=quiet,
+        say=say,
+        prompt_date=prompt_date,
+        previous=previous,
+        started=started,
+    )
 
 
-def loop_settings(cfg: FinetuneConfig, *, precision: str, quiet: bool):
+# ------------------------------------------------------------------------------ set_up
+
+
+def set_up(run: Run) -> None:
+    """Data, model, tokenised batches and optimizer; on resume, the checkpoint restored.
+
+    Writes run.json (status "running"). Raises ConfigError for a ``max_length`` longer than
+    the model's context, before any tokenising or training.
+    """
+    import torch
+
+    from instructune.data.prompts import prompt_format_for, system_turn_notice
+    from instructune.training.loop import make_optimizer
+    from instructune.training.metrics import environment
+    from instructune.training.state import TrainProgress, seed_everything
+
+    cfg, info = run.cfg, run.info
+    t0 = time.perf_counter()
+    # Every rank starts from the same seed, so random initial weights agree before DDP copies
+    # rank 0's; afterwards the other ranks switch to their own stream (their dropout masks).
+    seed_everything(cfg.seed)
+    run.train_records, run.val_records, run.test_records = load_splits(cfg)
+    loaded = load_for_training(cfg, run.device)
+    if info.rank:
+        seed_everything(cfg.seed, info.rank)
+    max_length = resolve_max_length(cfg.max_length, loaded)
+    saved_format = loaded.prompt_format
+    run.style = cfg.style or (saved_format.style if saved_format is not None else "alpaca")
+    run.timings["load_s"] = time.perf_counter() - t0
+    n_params = sum(p.numel() for p in loaded.model.parameters())
+    run.say(
+        f"data: {len(run.train_records)} train, {len(run.val_records)} val, "
+        f"{len(run.test_records)} test records; model {loaded.source} ({n_params / 1e6:.1f}M "
+        f"parameters; weights: {loaded.weights}), style {run.style}, max length {max_length}"
+    )
+    notice = system_turn_notice(run.train_records, run.style)
+    if notice is not None and info.is_main:
+        _warn(notice)
+
+    t0 = time.perf_counter()
+    # Answers and samples are prompted as the saved model will be: with the run's format.
+    run.loaded = dataclasses.replace(
+        loaded, prompt_format=prompt_format_for(loaded.tokenizer, run.style)
+    )
+    run.data = build_loop_data(
+        cfg,
+        loaded.tokenizer,
+        run.style,
+        run.train_records,
+        run.val_records,
+        info.world_size,
+        max_length=max_length,
+    )
+    run.timings["tokenize_s"] = time.perf_counter() - t0
+
+    if cfg.activation_checkpointing:
+        loaded.model.gradient_checkpointing = True
+    run.optimizer = make_optimizer(
+        loaded.model,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        device=run.device,
+        in_backward=cfg.optimizer_in_backward,
+    )
+    run.scaler = torch.amp.GradScaler(run.device.type) if run.precision == "fp16" else None
+    run.settings = loop_settings(cfg, precision=run.precision, quiet=run.quiet)
+    run.total_steps = _last_step(cfg, len(run.data.order(0)))
+    run.progress = TrainProgress()
+    run.run_info = {
+        "status": "running",
+        "config": cfg.to_dict(),
+        "style": run.style,
+        "model": {"source": loaded.source, "weights": loaded.weights},
+        "max_length": max_length,
+        "prompt_date": run.prompt_date.isoformat(),
+        "precision": run.precision,
+        "device": str(run.device),
+        "world_size": info.world_size,
+        "global_batch": global_batch(cfg, info.world_size),
+        "seed": cfg.seed,
+        "environment": environment(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "resumed_from": None,
+    }
+    if run.resume:
+        _restore(run)
+    if info.is_main:
+        atomic_write_json(run.out / RUN_FILE, run.run_info)
+
+
+def _last_step(cfg: FinetuneConfig, steps_per_epoch: int) -> int:
+    """The optimizer step the settings end at: ``max_steps`` if set, else whole epochs."""
+    return cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
+
+
+def _restore(run: Run) -> None:
+    """Load the newest valid checkpoint into the run: weights, optimizer, random state, step.
+
+    A run that had reached its end and now has a later one (more ``epochs`` or ``max_steps``)
+    is extended: it trains on from there (``answer`` then answers again: the answers it had
+    were written by other weights).
+    """
+    from instructune.training.metrics import truncate_metrics
+    from instructune.training.state import latest_valid_checkpoint, load_checkpoint
+
+    out, info = run.out, run.info
+    ckpt = latest_valid_checkpoint(out, warn=_warn)
+    if ckpt is None:
+        raise RunDirError(f"{out} has no usable checkpoint to resume from")
+    progress, state = load_checkpoint(
+        ckpt, model=run.loaded.model, optimizer=run.optimizer, scaler=run.scaler, rank=info.rank
+    )
+    if not state.get("optimizer_restored"):
+        _warn(f"warning: {ckpt} has no optimizer state; AdamW starts afresh from there")
+    if progress.step > run.total_steps:
+        raise ConfigError(
+            f"the run in {out} has trained {progress.step} steps; its settings now end at step "
+            f"{run.total_steps}, and a run cannot be shortened. Set epochs/max_steps to end at "
+            f"step {progress.step} or later (or use the model it saved: --model {out})"
+        )
+    old_cfg = FinetuneConfig.from_dict(run.previous.get("config", {}), source=str(out / RUN_FILE))
+    old_end = _last_step(old_cfg, len(run.data.order(0)))
+    run.progress = progress
+    run.run_info["started"] = run.previous.get("started", run.run_info["started"])
+    run.run_info["resumed_from"] = str(ckpt)
+    if old_end <= progress.step < run.total_steps:
+        run.say(f"extending the finished run from step {progress.step} to step {run.total_steps}")
+        run.run_info["extended_from_step"] = progress.step
+        if run.cfg.lr_schedule != "constant":
+            run.say(f"note: the {run.cfg.lr_schedule} schedule now runs to step {run.total_steps}")
+    else:
+        run.say(f"resuming from {ckpt} (step {progress.step}, epoch {progress.epoch + 1})")
+    if info.is_main:
+        truncate_metrics(out / METRICS_FILE, progress.step)
+
+
+def loop_settings(cfg: FinetuneConfig, *, precision: str, quiet: bool) -> LoopSettings:
     """The loop's share of the settings, with the precision resolved."""
     from instructune.training.loop import LoopSettings
 
@@ -67,254 +331,173 @@ def loop_settings(cfg: FinetuneConfig, *, precision: str, quiet: bool):
     )
 
 
-def run_finetune(
-    cfg: FinetuneConfig, *, resume: bool = False, log: Callable[[str], None] | None = None
-) -> dict[str, Any]:
-    """Run the whole fine-tuning job into ``cfg.out`` and return a summary (also in run.json).
+# ------------------------------------------------------------------------------ train
 
-    With ``resume=True`` it continues the run in ``cfg.out`` from its newest valid checkpoint
-    with the same data order and random state. Raises InstructuneError subclasses for bad
-    input, ``TrainingDiverged`` on a NaN/inf loss and ``TrainingInterrupted`` (a
-    KeyboardInterrupt) after saving a checkpoint on Ctrl-C.
+
+def train(run: Run) -> dict[str, Any]:
+    """The initial losses (fresh runs), then the loop to the last step; the run's summary.
+
+    On TrainingDiverged or TrainingInterrupted, run.json's status says so before it is raised.
     """
-    import torch
-
-    from instructune.config import format_config
     from instructune.training import distributed as dist
-    from instructune.training.loop import (
-        TrainingDiverged,
-        TrainingInterrupted,
-        eval_batches_from,
-        evaluate_loss,
-        make_optimizer,
-    )
+    from instructune.training.loop import TrainingDiverged, TrainingInterrupted
     from instructune.training.loop import train as train_loop
-    from instructune.training.metrics import MetricsLog, environment, read_metrics
-    from instructune.training.state import (
-        TrainProgress,
-        latest_valid_checkpoint,
-        load_checkpoint,
-    )
-    from instructune.utils.devices import pick_device
+    from instructune.training.metrics import MetricsLog
 
-    cfg.validate()
-    t_start = time.perf_counter()
-    timings: dict[str, float] = {}
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
-    device = pick_device(cfg.device)
-    info = dist.init_distributed(device)
-    device = dist.device_for(info, device)
-    quiet = cfg.quiet or not info.is_main
-    say = log or _info(quiet)
-    out = Path(cfg.out)
-    if info.is_main:
-        prepare_run_dir(out, overwrite=cfg.overwrite, resume=resume)
-    dist.barrier(info)
-    precision = resolve_precision(cfg.precision, device)
-    if precision == "bf16" and device.type == "cpu":
-        say("note: bf16 autocast on CPU; fast only where the CPU has bf16 matrix instructions")
-    say(format_config(cfg))
-    say(
-        f"device {device}, precision {precision}, {torch.get_num_threads()} threads, "
-        f"{info.world_size} process(es)"
-    )
-
-    # --- data and model -------------------------------------------------------------------
-    t0 = time.perf_counter()
-    _seed_everything(cfg.seed)
-    train_records, val_records, test_records = load_splits(cfg)
-    loaded = load_for_training(cfg, device)
-    model, tokenizer = loaded.model, loaded.tokenizer
-    saved_format = getattr(loaded, "prompt_format", None)
-    style = cfg.style or (saved_format.style if saved_format is not None else "alpaca")
-    timings["load_s"] = time.perf_counter() - t0
-    say(
-        f"data: {len(train_records)} train, {len(val_records)} val, {len(test_records)} test "
-        f"records; model {loaded.source} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
-        f"parameters), style {style}"
-    )
-
-    from instructune.data.prompts import prompt_format_for
-
-    t0 = time.perf_counter()
-    prompt_format = prompt_format_for(tokenizer, style)
-    data = build_loop_data(cfg, tokenizer, style, train_records, val_records, info.world_size)
-    timings["tokenize_s"] = time.perf_counter() - t0
-
-    if cfg.activation_checkpointing:
-        model.gradient_checkpointing = True
-    optimizer = make_optimizer(
-        model,
-        lr=cfg.lr,
-        weight_decay=cfg.weight_decay,
-        device=device,
-        in_backward=cfg.optimizer_in_backward,
-    )
-    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-    settings = loop_settings(cfg, precision=precision, quiet=quiet)
-
-    # --- fresh start or resume ------------------------------------------------------------
-    progress = TrainProgress()
-    metrics_path = out / METRICS_FILE
-    run_info: dict[str, Any] = {
-        "status": "running",
-        "config": cfg.to_dict(),
-        "style": style,
-        "precision": precision,
-        "device": str(device),
-        "world_size": info.world_size,
-        "seed": cfg.seed,
-        "environment": environment(),
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "resumed_from": None,
-    }
-    if resume:
-        ckpt = latest_valid_checkpoint(out, warn=_warn)
-        if ckpt is None:
-            raise RunDirError(f"{out} has no usable checkpoint to resume from")
-        progress, state = load_checkpoint(ckpt, model=model, optimizer=optimizer, scaler=scaler)
-        if not state.get("optimizer_restored"):
-            _warn(f"warning: {ckpt} has no optimizer state; AdamW starts afresh from there")
-        if info.is_main:
-            from instructune.training.metrics import truncate_metrics
-
-            truncate_metrics(metrics_path, progress.step)
-            previous = _read_run_json(out)
-            run_info["started"] = previous.get("started", run_info["started"])
-        run_info["resumed_from"] = str(ckpt)
-        say(f"resuming from {ckpt} (step {progress.step}, epoch {progress.epoch + 1})")
-    if info.is_main:
-        atomic_write_json(out / RUN_FILE, run_info)
-    metrics = MetricsLog(metrics_path if info.is_main else None)
-
-    # The book prints the losses before training (5 batches each).
-    if progress.step == 0:
-        t0 = time.perf_counter()
-        first_train = eval_batches_from(data.order(0), cfg.batch_size, cfg.eval_batches)
-        first_val = data.val_batches[: cfg.eval_batches]
-        kw = dict(device=device, precision=precision, info=info)
-        train_loss = evaluate_loss(model, data.items, first_train, data.collate, **kw)
-        val_loss = evaluate_loss(model, data.val_items, first_val, data.collate, **kw)
-        timings["initial_eval_s"] = time.perf_counter() - t0
-        say(f"Training loss: {train_loss:.4f}")
-        say("Validation loss: " + ("n/a" if val_loss is None else f"{val_loss:.4f}"))
-        metrics.write(
-            {
-                "kind": "eval",
-                "step": 0,
-                "epoch": 0.0,
-                "tokens_seen": 0,
-                "train_loss": train_loss,
-                "val_loss": val_loss,
-                "lr": cfg.lr,
-                "tokens_per_s": 0.0,
-            }
-        )
-
-    def sample_after_epoch(epoch: int) -> None:
-        if not val_records or quiet:
-            return
-        from instructune.data.prompts import extract_response, format_prompt
-        from instructune.generation import generate
-
-        prompt = format_prompt(val_records[0], style, chat_template=tokenizer.chat_template)
-        result = generate(
-            model,
-            tokenizer,
-            [prompt_ids(tokenizer, prompt)],
-            max_new_tokens=min(cfg.max_new_tokens, 64),
-            stop_ids=[tokenizer.eos_id],
-            stop_strings=prompt_format.stop_strings,
-        )[0]
-        say(f"epoch {epoch + 1} sample ({prompt!r}):\n  {extract_response(result.text, style)!r}")
-
-    t0 = time.perf_counter()
+    cfg, info = run.cfg, run.info
+    metrics = MetricsLog(run.out / METRICS_FILE if info.is_main else None)
     try:
+        if run.progress.step == 0:
+            _initial_losses(run, metrics)
+        t0 = time.perf_counter()
         result = train_loop(
-            model,
-            optimizer,
-            data,
-            settings,
-            device=device,
-            progress=progress,
+            run.loaded.model,
+            run.optimizer,
+            run.data,
+            run.settings,
+            device=run.device,
+            progress=run.progress,
             info=info,
-            run_dir=out if info.is_main else None,
+            run_dir=run.out if info.is_main else None,
             metrics=metrics,
-            scaler=scaler,
+            scaler=run.scaler,
             compile_model=cfg.compile,
-            on_epoch_end=sample_after_epoch if cfg.sample_every_epoch else None,
+            on_epoch_end=(lambda epoch: _sample(run, epoch)) if cfg.sample_every_epoch else None,
         )
+        run.timings["train_s"] = time.perf_counter() - t0
     except (TrainingDiverged, TrainingInterrupted) as exc:
         if info.is_main:  # run.json says how the run ended; --resume continues either way
             status = "diverged" if isinstance(exc, TrainingDiverged) else "interrupted"
-            atomic_write_json(out / RUN_FILE, {**run_info, "status": status})
+            atomic_write_json(run.out / RUN_FILE, {**run.run_info, "status": status})
         raise
     finally:
         metrics.close()
-    timings["train_s"] = time.perf_counter() - t0
     dist.barrier(info)
     dist.shutdown(info)
-    summary: dict[str, Any] = {
-        "out": str(out),
-        "steps": result.progress.step,
-        "epochs": result.progress.epoch,
-        "tokens_seen": result.progress.tokens_seen,
-        "supervised_tokens": result.progress.supervised_tokens,
-        "train_loss": result.progress.last_train_loss,
-        "val_loss": result.progress.last_val_loss,
-        "best_val_loss": result.progress.best_val_loss,
-        "best_step": result.progress.best_step,
+    p = result.progress
+    return {
+        "out": str(run.out),
+        "steps": p.step,
+        "epochs": p.epoch,
+        "tokens_seen": p.tokens_seen,
+        "supervised_tokens": p.supervised_tokens,
+        "train_loss": p.last_train_loss,
+        "val_loss": p.last_val_loss,
+        "best_val_loss": p.best_val_loss,
+        "best_step": p.best_step,
         "supervised_tokens_per_s": (
-            result.progress.supervised_tokens / result.progress.train_seconds
-            if result.progress.train_seconds
-            else None
+            p.supervised_tokens / p.train_seconds if p.train_seconds else None
         ),
     }
-    if not info.is_main:
-        return summary
 
-    # --- outputs ----------------------------------------------------------------------------
+
+def _initial_losses(run: Run, metrics: Any) -> None:
+    """The book prints the losses before training (on ``eval_batches`` batches each)."""
+    from instructune.training.loop import eval_batches_from, evaluate_loss
+
+    cfg, data = run.cfg, run.data
+    t0 = time.perf_counter()
+    first_train = eval_batches_from(data.order(0), cfg.batch_size, cfg.eval_batches)
+    first_val = data.val_batches[: cfg.eval_batches]
+    kw = dict(device=run.device, precision=run.precision, info=run.info)
+    train_loss = evaluate_loss(run.loaded.model, data.items, first_train, data.collate, **kw)
+    val_loss = evaluate_loss(run.loaded.model, data.val_items, first_val, data.collate, **kw)
+    run.timings["initial_eval_s"] = time.perf_counter() - t0
+    run.say("Training loss: " + ("n/a" if train_loss is None else f"{train_loss:.4f}"))
+    run.say("Validation loss: " + ("n/a" if val_loss is None else f"{val_loss:.4f}"))
+    metrics.write(
+        {
+            "kind": "eval",
+            "step": 0,
+            "epoch": 0.0,
+            "tokens_seen": 0,
+            "train_loss": train_loss,
+            "val_loss": val_loss,
+            "lr": cfg.lr,
+            "tokens_per_s": 0.0,
+        }
+    )
+
+
+def _sample(run: Run, epoch: int) -> None:
+    """After each epoch, the model's answer to the first validation record (the book's 7.6)."""
+    if not run.val_records or run.quiet:
+        return
+    record = run.val_records[0]
+    text = sample_answer(
+        run.loaded, record, style=run.style, max_new_tokens=min(run.cfg.max_new_tokens, 64)
+    )
+    run.say(f"epoch {epoch + 1} sample ({record.get('instruction', '')!r}):\n  {text!r}")
+
+
+# ------------------------------------------------------------------------------ save
+
+
+def save(run: Run) -> None:
+    """The fine-tuned model with its tokenizer and prompt format, and the loss plot."""
     from instructune.checkpoints import save_model
+    from instructune.training.metrics import read_metrics
     from instructune.training.plots import plot_losses
 
     t0 = time.perf_counter()
-    save_model(out, model, tokenizer, loaded.config, prompt_format)
-    plot_losses(read_metrics(metrics_path), out)
-    timings["save_s"] = time.perf_counter() - t0
+    loaded = run.loaded
+    save_model(run.out, loaded.model, loaded.tokenizer, loaded.config, loaded.prompt_format)
+    plot_losses(read_metrics(run.out / METRICS_FILE), run.out)
+    run.timings["save_s"] = time.perf_counter() - t0
 
+
+# ------------------------------------------------------------------------------ answer
+
+
+def answer(run: Run, summary: dict[str, Any]) -> list[dict]:
+    """Greedy answers for the test split into responses.json (continuing a partial one)."""
     t0 = time.perf_counter()
     responses, finish = answer_test_split(
-        model,
-        tokenizer,
-        test_records,
-        style=style,
-        prompt_format=prompt_format,
-        max_new_tokens=cfg.max_new_tokens,
-        batch_size=cfg.gen_batch_size,
-        limit=cfg.test_limit,
-        out_path=out / RESPONSES_FILE,
-        quiet=quiet,
+        run.loaded,
+        run.test_records,
+        style=run.style,
+        max_new_tokens=run.cfg.max_new_tokens,
+        batch_size=run.cfg.gen_batch_size,
+        out_path=run.out / RESPONSES_FILE,
+        limit=run.cfg.test_limit,
+        quiet=run.quiet,
     )
-    timings["generate_s"] = time.perf_counter() - t0
+    run.timings["generate_s"] = time.perf_counter() - t0
     summary["responses"] = len(responses)
     summary["finish_reasons"] = finish
     summary["ended_with_eos_share"] = finish.get("eos", 0) / len(responses) if responses else None
+    return responses
 
+
+# ------------------------------------------------------------------------------ evaluate
+
+
+def evaluate(run: Run, summary: dict[str, Any], responses: list[dict]) -> None:
+    """Score the answers, then write the final run.json (status "finished")."""
     t0 = time.perf_counter()
-    summary["evaluation"] = evaluate_outputs(cfg, responses, out, say)
-    timings["evaluate_s"] = time.perf_counter() - t0
-    timings["total_s"] = time.perf_counter() - t_start
-
-    run_info.update(
+    summary["evaluation"] = evaluate_outputs(run.cfg, responses, run.out, run.say)
+    run.timings["evaluate_s"] = time.perf_counter() - t0
+    run.timings["total_s"] = time.perf_counter() - run.started
+    timings = {k: round(v, 3) for k, v in run.timings.items()}
+    run.run_info.update(
         status="finished",
         finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        timings={k: round(v, 3) for k, v in timings.items()},
-        train_seconds_total=round(result.progress.train_seconds, 3),
-        peak_memory=_peak_memory(device),
+        timings=timings,
+        train_seconds_total=round(run.progress.train_seconds, 3),
+        peak_memory=_peak_memory(run.device),
         results=summary,
     )
-    atomic_write_json(out / RUN_FILE, run_info)
-    summary["timings"] = run_info["timings"]
-    say(f"done in {timings['total_s']:.0f} s: model, responses and metrics in {out}")
-    return summary
+    atomic_write_json(run.out / RUN_FILE, run.run_info)
+    summary["timings"] = timings
+    run.say(f"done in {run.timings['total_s']:.0f} s: model, responses and metrics in {run.out}")
+
+
+def _peak_memory(device: torch.device) -> dict[str, Any]:
+    import torch
+
+    from instructune.training.metrics import peak_rss_bytes
+
+    out: dict[str, Any] = {"ru_maxrss_bytes": peak_rss_bytes()}
+    if device.type == "cuda":
+        out["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+    return out

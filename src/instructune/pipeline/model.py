@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-import types
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from instructune.config import FinetuneConfig
+from instructune.config import ConfigError, FinetuneConfig
 from instructune.errors import InstructuneError
+
+if TYPE_CHECKING:
+    import torch
+
+    from instructune.checkpoints.load import LoadedModel
 
 
 def parse_overrides(text: str) -> dict[str, Any]:
@@ -33,17 +37,16 @@ def parse_overrides(text: str) -> dict[str, Any]:
     return out
 
 
-def load_for_training(cfg: FinetuneConfig, device):
-    """``load_model`` for the run; with ``model_overrides`` a smaller random model of that name.
-
-    Returns a LoadedModel-like object (model, tokenizer, config, prompt_format, source).
-    """
+def load_for_training(cfg: FinetuneConfig, device: torch.device) -> LoadedModel:
+    """``load_model`` for the run; with ``model_overrides`` a smaller random model of that name."""
     import torch
 
     from instructune.checkpoints import load_model
+    from instructune.checkpoints.load import RANDOM_INIT, LoadedModel
 
+    # log=None: the run's own log line names the weights (see finetune.set_up).
     if not cfg.model_overrides:
-        return load_model(cfg.model, init=cfg.init, device=device, dtype=torch.float32)
+        return load_model(cfg.model, init=cfg.init, device=device, dtype=torch.float32, log=None)
     if cfg.init != "random":
         raise InstructuneError(
             "model_overrides change the model's shape, so they need --init random "
@@ -57,14 +60,37 @@ def load_for_training(cfg: FinetuneConfig, device):
 
         tokenizer = load_tokenizer("gpt2")
     else:  # the tokenizer of the full-size model of that name
-        tokenizer = load_model(cfg.model, init="random", device="meta").tokenizer
+        tokenizer = load_model(cfg.model, init="random", device="meta", log=None).tokenizer
     model = build_model(model_cfg, device=device, dtype=torch.float32)
-    return types.SimpleNamespace(
-        model=model, tokenizer=tokenizer, config=model_cfg, prompt_format=None, source=cfg.model
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        config=model_cfg,
+        prompt_format=None,
+        source=cfg.model,
+        weights=RANDOM_INIT,
     )
 
 
-def resolve_precision(precision: str, device) -> str:
+def resolve_max_length(max_length: int | None, loaded: LoadedModel) -> int:
+    """The sequence length to cut at: ``max_length``, or the model's context length when None.
+
+    Raises ConfigError when ``max_length`` is longer than the model can take (the model would
+    otherwise fail on the first long batch, deep inside training).
+    """
+    context = loaded.config.context_length
+    if max_length is None:
+        return context
+    if max_length > context:
+        raise ConfigError(
+            f"max_length {max_length} is longer than the context length of {loaded.source} "
+            f"({context} tokens): set --max-length {context} or less, or --max-length none "
+            "for the model's context length"
+        )
+    return max_length
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
     """auto -> fp32 on CPU/MPS (the book's numbers), bf16 on CUDA that has it, else fp16."""
     if precision != "auto":
         return precision
