@@ -52,3 +52,15 @@ def tiny_config(out: Path, **settings):
         "evaluate": False,
     }
     return resolve_config(flags={**flags, **settings})
+
+
+def default_sigint() -> None:
+    """``preexec_fn`` for a child that a test will Ctrl-C: SIGINT back to its default.
+
+    A shell starts background jobs with SIGINT ignored, and children inherit that; Python then
+    installs no KeyboardInterrupt handler, so a test run from such a job (a CI script started
+    with ``&``) would send a signal the child never sees.
+    """
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -13,6 +13,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from helpers import default_sigint
 from judge_server import OK, JudgeServer, expected_score
 
 from instructune.cli.main import main
@@ -122,7 +123,11 @@ def test_ctrl_c_then_resume_asks_only_for_the_rest(tmp_path):
 
     with JudgeServer(script=hold_the_fourth) as first:
         proc = subprocess.Popen(
-            [*args, "--url", first.url], env=env, stderr=subprocess.PIPE, text=True
+            [*args, "--url", first.url],
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=default_sigint,
         )
         lines: queue.Queue[str] = queue.Queue()
         threading.Thread(target=lambda: [lines.put(x) for x in proc.stderr], daemon=True).start()

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import TINY_GPT2, tiny_finetune_args
+from helpers import TINY_GPT2, default_sigint, tiny_finetune_args
 
 from instructune.training.metrics import read_metrics, without_timings
 
@@ -84,6 +84,7 @@ def start(args: list[str], log: Path, *, pause_at: int = 0) -> subprocess.Popen:
             stdout=f,
             stderr=subprocess.STDOUT,
             env=env,
+            preexec_fn=default_sigint,
         )
 
 
