@@ -17,7 +17,7 @@ import instructune
 from instructune.errors import InstructuneError
 
 # Sub-command modules, in the order --help lists them.
-COMMANDS = ["data", "finetune", "generate", "evaluate"]
+COMMANDS = ["data", "finetune", "generate", "chat", "serve", "evaluate"]
 
 
 def _version_text() -> str:
