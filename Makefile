@@ -8,7 +8,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.instructune-installed
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast demo bench lint clean
+.PHONY: install test test-fast demo bench bench-serving bench-llamacpp lint clean
 
 install: $(STAMP)
 
@@ -33,6 +33,18 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/generation.py --quick
 	$(PY) benchmarks/training.py --quick
+
+# instructune serve under 1, 4 and 16 concurrent streaming clients (a few minutes).
+bench-serving: $(STAMP)
+	$(PY) benchmarks/serving.py --quick
+
+# The same, against llama.cpp's Python server on the same GGUF file. llama-cpp-python is not a
+# project dependency: it compiles llama.cpp from source (several minutes), so only this target
+# installs it; the constraints keep it from moving the project's pinned packages.
+bench-llamacpp: $(STAMP)
+	$(PY) -c "import llama_cpp.server" 2>/dev/null || \
+		$(PIP) install -q -c constraints.txt 'llama-cpp-python[server]==0.3.36'
+	$(PY) benchmarks/serving.py --quick
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
