@@ -58,6 +58,27 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
+def left_padded(
+    rests: list[list[int]], shared: int, pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A batch of prompt parts that follow a ``shared`` prefix already in the cache, left-padded.
+
+    Returns ``ids`` (n, width) on ``device``, the attention ``mask`` (n, shared + width) over the
+    prefix and the parts, and the ``positions`` (n, shared + width) of every column: real tokens
+    count from 0 as they would alone; padding takes a neighbour's (never attended to).
+    """
+    n, width = len(rests), max(len(r) for r in rests)
+    ids = torch.full((n, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((n, shared + width), dtype=torch.bool)
+    mask[:, :shared] = True
+    for i, rest in enumerate(rests):
+        ids[i, width - len(rest) :] = torch.tensor(rest, dtype=torch.long)
+        mask[i, shared + width - len(rest) :] = True
+    ids, mask = ids.to(device), mask.to(device)
+    positions = (mask.long().cumsum(dim=-1) - 1).clamp(min=0)
+    return ids, mask, positions
+
+
 def _last_logits(model: torch.nn.Module, **kwargs: Any) -> torch.Tensor:
     """Logits of the last position only, (b, V).
 
@@ -162,19 +183,10 @@ class BatchDecoder:
         left-padded. The attention mask hides the padding and positions skip it, so each row
         sees exactly what it would see alone.
         """
-        n = len(self.prompts)
         shared = self._prefill_shared() if self.use_cache else 0
         rests = [p[shared:] for p in self.prompts]
-        width = max(len(r) for r in rests)
-        ids = torch.full((n, width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((n, shared + width), dtype=torch.bool)
-        mask[:, :shared] = True
-        for i, rest in enumerate(rests):
-            ids[i, width - len(rest) :] = torch.tensor(rest, dtype=torch.long)
-            mask[i, shared + width - len(rest) :] = True
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        # Real tokens count from 0 as they would alone; padding takes a neighbour's (unseen).
-        positions = (mask.long().cumsum(dim=-1) - 1).clamp(min=0)[:, shared:]
+        ids, mask, positions = left_padded(rests, shared, self.pad_id, self.device)
+        positions = positions[:, shared:]
         padded = not bool(mask.all())
         self.mask = mask
         if not self.use_cache:

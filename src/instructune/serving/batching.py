@@ -29,6 +29,8 @@ import time
 
 import torch
 
+from instructune.generation.decoding import left_padded
+
 # Spare columns allocated past the filled ones, so the cache grows by a copy once in this many
 # steps rather than every step.
 _HEADROOM = 32
@@ -202,15 +204,7 @@ class ContinuousBatch:
         shared = self._reusable_prefix(prompts)
         rests = [p[shared:] for p in prompts]
         width = max(len(r) for r in rests)
-        ids = torch.full((n, width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((n, shared + width), dtype=torch.bool)
-        mask[:, :shared] = True
-        for i, rest in enumerate(rests):
-            ids[i, width - len(rest) :] = torch.tensor(rest, dtype=torch.long)
-            mask[i, shared + width - len(rest) :] = True
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        # Real tokens count from 0 as they would alone; padding takes a neighbour's (unseen).
-        positions = (mask.long().cumsum(dim=-1) - 1).clamp(min=0)
+        ids, mask, positions = left_padded(rests, shared, self.pad_id, self.device)
         padded = not bool(mask.all())
         k, v = self._buffers(n, shared + width + _HEADROOM)
         for layer in range(self._layers if shared else 0):
