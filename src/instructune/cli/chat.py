@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from instructune.cli.options import add_load_options, add_sampling_options, load_from_args
+
 EPILOG = """\
 examples:
   instructune chat --model smollm2-135m-instruct
@@ -38,32 +40,14 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model", required=True, help="registry name, hub id, directory or .gguf")
-    p.add_argument(
-        "--init",
-        choices=("pretrained", "random"),
-        default="pretrained",
-        help="random: random weights for a registry name (tests, benchmarks)",
-    )
+    add_load_options(p)
     p.add_argument("--prompt", help="answer this one message, print the answer and exit")
     p.add_argument("--system", metavar="TEXT", help="the system prompt to start with")
     p.add_argument(
         "--style",
         help="prompt style: alpaca, phi3 or chat (default: the model's saved style, else alpaca)",
     )
-    p.add_argument("--max-new-tokens", type=int, default=256, help="per answer; default 256")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
-    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
-    p.add_argument("--top-p", type=float, help="sample among tokens holding this much probability")
-    p.add_argument("--seed", type=int, help="seed for sampling (the same seed, the same answers)")
-    p.add_argument(
-        "--stop",
-        action="append",
-        default=[],
-        metavar="TEXT",
-        help="also stop an answer at this text (repeatable)",
-    )
-    p.add_argument("--device", default="auto", help="cpu, cuda, mps or auto (default)")
-    p.add_argument("--dtype", default="fp32", help="fp32 (default), bf16 or fp16")
+    add_sampling_options(p)
     p.set_defaults(func=run)
 
 
@@ -73,15 +57,8 @@ def _notify(message: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from instructune.chat import ChatSession, chat_loop, stream_answer
-    from instructune.checkpoints import load_model
-    from instructune.errors import InstructuneError
-    from instructune.utils.devices import pick_device, resolve_dtype
 
-    try:
-        dtype = resolve_dtype(args.dtype)
-    except ValueError as exc:
-        raise InstructuneError(f"--dtype: {exc}") from None
-    loaded = load_model(args.model, init=args.init, device=pick_device(args.device), dtype=dtype)
+    loaded = load_from_args(args)
     session = ChatSession(
         loaded,
         style=args.style,

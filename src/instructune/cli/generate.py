@@ -9,6 +9,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from instructune.cli.options import add_load_options, add_sampling_options, load_from_args
+
 EPILOG = """\
 examples:
   instructune generate --model smollm2-135m-instruct --prompt "What is an antonym of 'complicated'?"
@@ -37,12 +39,7 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model", required=True, help="registry name, hub id, directory or .gguf")
-    p.add_argument(
-        "--init",
-        choices=("pretrained", "random"),
-        default="pretrained",
-        help="random: random weights for a registry name (tests, benchmarks)",
-    )
+    add_load_options(p)
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--prompt", help="an instruction to answer (wrapped in the prompt style)")
     what.add_argument("--data", metavar="FILE", help="answer every record of this JSON/JSONL file")
@@ -56,21 +53,8 @@ def register(subparsers) -> None:
         help="prompt style: alpaca, phi3 or chat (default: the model's saved style, else alpaca)",
     )
     p.add_argument("--raw", action="store_true", help="send --prompt as it is, unwrapped")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="default 256")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
-    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
-    p.add_argument("--top-p", type=float, help="sample among tokens holding this much probability")
-    p.add_argument("--seed", type=int, help="seed for sampling (the same seed, the same answers)")
-    p.add_argument(
-        "--stop",
-        action="append",
-        default=[],
-        metavar="TEXT",
-        help="also stop at this text (repeatable)",
-    )
+    add_sampling_options(p)
     p.add_argument("--batch-size", type=int, default=16, help="prompts decoded together (--data)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, mps or auto (default)")
-    p.add_argument("--dtype", default="fp32", help="fp32 (default), bf16 or fp16")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     p.set_defaults(func=run)
 
@@ -94,14 +78,7 @@ def run(args: argparse.Namespace) -> int:
         if not data.exists():
             raise InstructuneError(f"--data {data}: no such file")
 
-    from instructune.checkpoints import load_model
-    from instructune.utils.devices import pick_device, resolve_dtype
-
-    try:
-        dtype = resolve_dtype(args.dtype)
-    except ValueError as exc:
-        raise InstructuneError(f"--dtype: {exc}") from None
-    loaded = load_model(args.model, init=args.init, device=pick_device(args.device), dtype=dtype)
+    loaded = load_from_args(args)
     options = dict(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,

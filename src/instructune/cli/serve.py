@@ -11,6 +11,8 @@ import errno
 import socket
 import sys
 
+from instructune.cli.options import add_load_options, device_and_dtype
+
 DEFAULT_PORT = 11435  # not Ollama's 11434, so both can run on one machine
 
 EPILOG = """\
@@ -48,12 +50,7 @@ def register(subparsers) -> None:
         metavar="[NAME=]SPEC",
         help="a model to serve (repeatable): registry name, hub id, directory or .gguf",
     )
-    p.add_argument(
-        "--init",
-        choices=("pretrained", "random"),
-        default="pretrained",
-        help="random: random weights for registry names (tests, benchmarks)",
-    )
+    add_load_options(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument(
         "--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}; 0 picks a free one"
@@ -65,8 +62,6 @@ def register(subparsers) -> None:
     p.add_argument(
         "--max-body", type=int, default=4 << 20, help="largest request body in bytes (4 MiB)"
     )
-    p.add_argument("--device", default="auto", help="cpu, cuda, mps or auto (default)")
-    p.add_argument("--dtype", default="fp32", help="fp32 (default), bf16 or fp16")
     p.add_argument("--log-level", default="warning", help="uvicorn's log level (warning)")
     p.set_defaults(func=run)
 
@@ -140,16 +135,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _load(args: argparse.Namespace, specs: list[tuple[str, str]]):
-    from instructune.errors import InstructuneError
     from instructune.serving.app import create_app
     from instructune.serving.models import ModelRegistry, load_served
-    from instructune.utils.devices import pick_device, resolve_dtype
 
-    try:
-        dtype = resolve_dtype(args.dtype)
-    except ValueError as exc:
-        raise InstructuneError(f"--dtype: {exc}") from None
-    device = pick_device(args.device)
+    device, dtype = device_and_dtype(args)
     registry = ModelRegistry()
     for name, spec in specs:
         served = load_served(
