@@ -368,8 +368,11 @@ def test_k_quant_types_gguf_cannot_write_are_dequantised(tmp_path, qtype):
     path = write_gguf(tmp_path / "k.gguf", cfg, hf_state(ref, cfg), Q.F32, raw_blocks=blocks)
     ids = torch.randint(0, cfg.vocab_size, (1, 10))
     with torch.no_grad():
-        diff = (load_model(path).model(ids) - ref(ids).logits).abs().max().item()
-    assert diff < 1e-4
+        ours, theirs = load_model(path).model(ids), ref(ids).logits
+    # Relative to the logits' size: these weights are far larger than a trained model's, and
+    # fp32 sums taken in another order (our small-batch matmul orientation) differ by ~1e-7 of
+    # it, where a wrong dequantisation differs by the size of a block's scale.
+    assert (ours - theirs).abs().max().item() < 1e-6 * theirs.abs().max().item() + 1e-5
 
 
 @pytest.mark.parametrize("pre", ["gpt2", "llama-bpe", "smollm"])

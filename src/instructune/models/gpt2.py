@@ -12,7 +12,9 @@ from instructune.models.layers import (
     GeluMLP,
     KVCache,
     LayerNorm,
+    Linear,
     build_attention_mask,
+    linear,
     new_kv_cache,
     run_blocks,
 )
@@ -59,7 +61,7 @@ class GPT2Model(nn.Module):
         )
         self.final_norm = LayerNorm(cfg.emb_dim, cfg.norm_eps)
         self.out_head = (
-            None if cfg.tie_embeddings else nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+            None if cfg.tie_embeddings else Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
         )
 
     @property
@@ -134,4 +136,4 @@ class GPT2Model(nn.Module):
         hidden = self.forward_hidden(
             input_ids, position_ids=position_ids, attention_mask=attention_mask, cache=cache
         )
-        return nn.functional.linear(hidden, self.output_weight)
+        return linear(hidden, self.output_weight)

@@ -10,10 +10,12 @@ from instructune.models.layers import (
     Block,
     CausalSelfAttention,
     KVCache,
+    Linear,
     RMSNorm,
     RotaryEmbedding,
     SwiGLU,
     build_attention_mask,
+    linear,
     new_kv_cache,
     run_blocks,
 )
@@ -61,7 +63,7 @@ class LlamaModel(nn.Module):
         )
         self.final_norm = RMSNorm(cfg.emb_dim, cfg.norm_eps)
         self.out_head = (
-            None if cfg.tie_embeddings else nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+            None if cfg.tie_embeddings else Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
         )
 
     @property
@@ -124,4 +126,4 @@ class LlamaModel(nn.Module):
         hidden = self.forward_hidden(
             input_ids, position_ids=position_ids, attention_mask=attention_mask, cache=cache
         )
-        return nn.functional.linear(hidden, self.output_weight)
+        return linear(hidden, self.output_weight)
