@@ -16,8 +16,8 @@ import torch
 
 from instructune.checkpoints.load import LoadedModel
 from instructune.generation import ContextLengthError, GenerationError, generate
+from instructune.generation.engine import Engine, EngineError, QueueFullError
 from instructune.models import build_model, get_config
-from instructune.serving.engine import Engine, EngineError, QueueFullError
 from instructune.tokenization.gpt2 import GPT2Tokenizer
 
 PROMPTS = [
@@ -123,6 +123,32 @@ def test_requests_joining_at_different_steps_get_what_they_get_alone(tok, arch):
     assert stats["max_running"] == 6 and stats["near_ties"] == 0
     for i, request in enumerate(requests):
         assert_same_as_alone(loaded, encoded[i], settings_for(i), collect(request))
+
+
+def test_rows_leaving_together_and_a_long_prompt_joining_keep_every_answer(loaded, tok):
+    # The batch's window moves: three rows leave at one step (the last rows fill their holes),
+    # a prompt far longer than the running rows joins (the window widens to the left, past the
+    # spare columns, so the buffers are laid out again), and long answers outgrow the spare
+    # columns on the right. Every request still gets what it gets alone.
+    engine = Engine(loaded, max_batch=8, max_queue=64)
+    short = [tok.encode(p) for p in PROMPTS[:6]]
+    long_prompt = tok.encode(" ".join(PROMPTS))[:100]
+    assert len(long_prompt) == 100
+    budgets = [3, 9, 3, 40, 3, 12]  # rows 0, 2 and 4 leave together after their 3rd token
+    requests = [engine.submit(ids, max_new_tokens=b, stop_ids=[]) for ids, b in zip(short, budgets)]
+    for _ in range(4):
+        assert engine.step()
+    assert engine.stats()["running"] == 3
+    layouts = engine.stats()["cache_relayouts"]
+    late = engine.submit(long_prompt, max_new_tokens=20, stop_ids=[])
+    while engine.step():
+        pass
+    assert engine.stats()["cache_relayouts"] > layouts
+    for ids, budget, request in zip(short, budgets, requests):
+        assert_same_as_alone(
+            loaded, ids, {"max_new_tokens": budget, "stop_ids": []}, collect(request)
+        )
+    assert_same_as_alone(loaded, long_prompt, {"max_new_tokens": 20, "stop_ids": []}, collect(late))
 
 
 def test_sixteen_concurrent_clients_from_threads(loaded, tok):
@@ -312,7 +338,7 @@ def test_a_prompt_too_long_for_the_context(loaded):
 
 
 def test_generate_continuous_answers_as_generate_does(loaded, tok):
-    from instructune.serving.refill import generate_continuous
+    from instructune.generation.refill import generate_continuous
 
     encoded = [tok.encode(p) for p in PROMPTS[:10]]
     for settings in ({}, {"temperature": 0.8, "top_k": 20, "seed": 5}):

@@ -15,6 +15,7 @@ import torch
 import instructune.generation.answering as answering
 from instructune.data.prompts import extract_response, format_prompt, prompt_format_for
 from instructune.generation import encode_prompt, generate
+from instructune.generation.refill import decode_as_completed
 from instructune.pipeline.outputs import answer_test_split, answering_state_path, sample_answer
 
 RECORDS = [
@@ -53,22 +54,26 @@ def loaded(base_dir):
 
 
 class CountPrompts:
-    """Wraps the real ``generate`` in ``answer_records``, counting the prompts it is given; with
-    ``kill_on_call`` it raises KeyboardInterrupt once that call has generated (a kill before
-    the batch is saved)."""
+    """Wraps the real ``decode_as_completed`` in ``answer_records``, counting the prompts it is
+    given; with ``kill_at`` it raises KeyboardInterrupt when that answer comes (a kill between
+    two saves: with ``batch_size=2``, the 4th answer comes after the first two were saved and
+    before the 3rd and 4th are)."""
 
-    def __init__(self, kill_on_call: int | None = None):
+    def __init__(self, kill_at: int | None = None):
         self.prompts = 0
         self.calls = 0
-        self.kill_on_call = kill_on_call
+        self.kill_at = kill_at
 
-    def __call__(self, model, tokenizer, prompts, **kwargs):
+    def __call__(self, loaded, prompts, **kwargs):
         self.calls += 1
         self.prompts += len(prompts)
-        results = generate(model, tokenizer, prompts, **kwargs)
-        if self.calls == self.kill_on_call:
-            raise KeyboardInterrupt
-        return results
+        return self._answers(loaded, prompts, **kwargs)
+
+    def _answers(self, loaded, prompts, **kwargs):
+        for n, item in enumerate(decode_as_completed(loaded, prompts, **kwargs), 1):
+            if n == self.kill_at:
+                raise KeyboardInterrupt
+            yield item
 
 
 def the_old_loop(loaded, records, max_new_tokens):
@@ -82,9 +87,7 @@ def the_old_loop(loaded, records, max_new_tokens):
     return [extract_response(r.text, "alpaca") for r in results]
 
 
-def test_an_interrupted_test_split_resumes_only_the_missing_records(
-    loaded, tmp_path, monkeypatch
-):
+def test_an_interrupted_test_split_resumes_only_the_missing_records(loaded, tmp_path, monkeypatch):
     first = tmp_path / "a.json"
     whole, whole_finish = answer_test_split(loaded, RECORDS, out_path=first, **OPTIONS)
     assert [r["model_response"] for r in whole] == the_old_loop(loaded, RECORDS, 6)
@@ -94,15 +97,15 @@ def test_an_interrupted_test_split_resumes_only_the_missing_records(
     assert [{k: v for k, v in r.items() if k != "model_response"} for r in whole] == RECORDS
 
     out = tmp_path / "b.json"
-    killed = CountPrompts(kill_on_call=2)
-    monkeypatch.setattr(answering, "generate", killed)
+    killed = CountPrompts(kill_at=4)
+    monkeypatch.setattr(answering, "decode_as_completed", killed)
     with pytest.raises(KeyboardInterrupt):
         answer_test_split(loaded, RECORDS, out_path=out, **OPTIONS)
     partial = json.loads(out.read_text(encoding="utf-8"))
     assert sum("model_response" in r for r in partial) == 2  # the first batch only
 
     resumed_run = CountPrompts()
-    monkeypatch.setattr(answering, "generate", resumed_run)
+    monkeypatch.setattr(answering, "decode_as_completed", resumed_run)
     resumed, finish = answer_test_split(loaded, RECORDS, out_path=out, **OPTIONS)
     assert resumed_run.prompts == len(RECORDS) - 2
     assert resumed == whole and finish == whole_finish
@@ -110,7 +113,7 @@ def test_an_interrupted_test_split_resumes_only_the_missing_records(
 
     # Nothing left to answer: no generation at all, and the finish reasons are still known.
     again_run = CountPrompts()
-    monkeypatch.setattr(answering, "generate", again_run)
+    monkeypatch.setattr(answering, "decode_as_completed", again_run)
     again, again_finish = answer_test_split(loaded, RECORDS, out_path=out, **OPTIONS)
     assert again_run.calls == 0 and again == whole and again_finish == whole_finish
 
@@ -123,7 +126,7 @@ def test_answers_of_other_weights_or_records_are_not_kept(loaded, tmp_path, monk
 
     # Another --test-limit: other records, so every answer is made again (no DataError).
     fewer = CountPrompts()
-    monkeypatch.setattr(answering, "generate", fewer)
+    monkeypatch.setattr(answering, "decode_as_completed", fewer)
     answered, _ = answer_test_split(loaded, RECORDS, out_path=out, limit=4, **OPTIONS)
     assert fewer.prompts == 4 and len(answered) == 4
 
@@ -131,7 +134,7 @@ def test_answers_of_other_weights_or_records_are_not_kept(loaded, tmp_path, monk
     with torch.no_grad():
         loaded.model.blocks[0].attn.proj.weight.add_(0.01)
     trained = CountPrompts()
-    monkeypatch.setattr(answering, "generate", trained)
+    monkeypatch.setattr(answering, "decode_as_completed", trained)
     answered, _ = answer_test_split(loaded, RECORDS, out_path=out, limit=4, **OPTIONS)
     assert trained.prompts == 4
     assert [r["model_response"] for r in answered] == the_old_loop(loaded, RECORDS[:4], 6)
@@ -163,4 +166,3 @@ def test_sample_answer_is_the_old_epoch_sample(loaded):
     got = sample_answer(loaded, record, style="alpaca", max_new_tokens=8)
     assert got == the_old_loop(loaded, [record], 8)[0]
     assert "model_response" not in record
-

@@ -20,9 +20,9 @@ from instructune.cli.main import main
 from instructune.data.conversation import format_conversation
 from instructune.data.prompts import format_prompt, prompt_format_for
 from instructune.generation import encode_prompt, generate, stop_ids_for
+from instructune.generation.engine import Engine
 from instructune.models import build_model, get_config
 from instructune.serving.app import create_app
-from instructune.serving.engine import Engine
 from instructune.serving.models import ModelRegistry, ServedModel, load_served, parse_model_specs
 from instructune.tokenization import load_tokenizer
 from instructune.utils.io import sha256_file

@@ -19,8 +19,17 @@ Modules, one job each (each states its public names; none imports another's priv
 - ``decoding``: ``BatchDecoder``, the batched, KV-cached decoding loop, and its model helpers.
 - ``text``: fitting prompts to the context, stop strings, results.
 - ``api``: ``generate()`` and ``stream()``.
-- ``answering``: ``answer_records()`` (the book's section 7.7, the one answering loop), and
-  what it answers with: ``stop_ids_for()``, ``style_and_stops()``.
+- ``engine``: ``Engine``, the continuous-batching decoder: ``submit()`` encoded prompts from
+  any thread, read each request's ``events()`` (or ``aevents()`` under asyncio), ``cancel()``
+  when a client goes away. ``serve`` shares one between its clients.
+- ``requests``: ``EngineRequest`` and ``EngineEvent`` (one request's state and answer pieces),
+  the errors ``EngineError`` and ``QueueFullError``; all re-exported by ``engine``.
+- ``continuous``: ``ContinuousBatch``, the KV-cached batch the engine decodes, which rows join
+  (after their prefill) and leave between steps.
+- ``refill``: ``generate_continuous`` and ``decode_as_completed``: many prompts on the engine,
+  a finished row refilled from the queue at once instead of waiting for the batch's longest.
+- ``answering``: ``answer_records()`` (the book's section 7.7, the one answering loop, on
+  ``refill``), and what it answers with: ``stop_ids_for()``, ``style_and_stops()``.
 
 Prompts are encoded by ``encode_prompt`` (defined in ``instructune.tokenization.base``, the one
 encoder training uses too, and exported here because prompts for ``generate`` start there).

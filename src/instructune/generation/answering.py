@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from instructune.errors import DataError
-from instructune.generation.api import generate
 from instructune.generation.base import GenerationResult
+from instructune.generation.refill import decode_as_completed
 from instructune.tokenization.base import encode_prompt
 
 if TYPE_CHECKING:
@@ -96,7 +96,9 @@ def answer_records(
     desc: str | None = None,
     on_answered: Callable[[dict[int, GenerationResult]], None] | None = None,
 ) -> list[dict]:
-    """Answer every record, as the book's section 7.7 does, in batches.
+    """Answer every record, as the book's section 7.7 does, ``batch_size`` at a time with
+    continuous refill (``generation.refill``): a finished answer's row takes the next record at
+    once, so no batch waits for its longest answer.
 
     Each record is prompted with ``format_prompt(record, style)``; the answer is
     ``extract_response`` of the new text, stored under ``response_key`` in a copy of the record.
@@ -106,15 +108,16 @@ def answer_records(
         records: instruction records (``instruction``, ``input``, ``output``...).
         style: prompt style; default the model's saved ``prompt_format.style``, else ``alpaca``.
         out_path: if given, the JSON list of answered records is written there atomically after
-            every batch (indented 4, as the book writes it), and answers already in it (for the
-            same records) are kept, not redone.
+            every ``batch_size`` finished answers (indented 4, as the book writes it), and
+            answers already in it (for the same records) are kept, not redone.
         stop_strings: default: ``style_and_stops(loaded, style)``'s.
         add_bos: default: the saved prompt format's, else the tokenizer's.
         seed: record i samples with a generator seeded ``seed + i``, so a sampled answer does
-            not depend on the batch it fell in, and a resumed run gives what one run would.
+            not depend on its neighbours in the batch, and a resumed run gives what one run
+            would.
         progress: show a tqdm progress bar (labelled ``desc``).
-        on_answered: called after each batch with ``{record index: GenerationResult}``, before
-            the batch's answers are written to ``out_path`` (so whatever it saves is never
+        on_answered: called with ``{record index: GenerationResult}`` for the answers finished
+            since its last call, before they are written to ``out_path`` (so whatever it saves is never
             behind the answers file).
         The other options are ``generate``'s; the end tokens are ``stop_ids_for(loaded)``.
 
@@ -146,8 +149,9 @@ def answer_records(
         )
         for i in pending
     }
-    # Longest first, batch by batch, so each batch holds similar lengths and is saved once done.
-    pending.sort(key=lambda i: -len(prompts[i]))
+    # Continuous refill: up to batch_size records decode together and a finished one's row is
+    # refilled at once. Answers are saved every batch_size finished records (and at the end),
+    # so an interrupted run loses at most that many.
     bar = tqdm(
         total=len(out),
         initial=len(out) - len(pending),
@@ -155,29 +159,41 @@ def answer_records(
         unit="record",
         disable=not progress,
     )
+    finished: dict[int, GenerationResult] = {}
+
+    def save() -> None:
+        if on_answered is not None:
+            on_answered(dict(finished))
+        if out_path is not None:
+            atomic_write_json(out_path, out, indent=_JSON_INDENT)
+        bar.update(len(finished))
+        finished.clear()
+
     try:
-        for start in range(0, len(pending), batch_size):
-            batch = pending[start : start + batch_size]
-            results = generate(
-                loaded.model,
-                tokenizer,
-                [prompts[i] for i in batch],
+        answers = (
+            ()
+            if not pending
+            else decode_as_completed(
+                loaded,
+                [prompts[i] for i in pending],
+                max_batch=batch_size,
                 max_new_tokens=max_new_tokens,
                 temperature=temperature,
                 top_k=top_k,
                 top_p=top_p,
-                seed=None if seed is None else [seed + i for i in batch],
+                seed=None if seed is None else [seed + i for i in pending],
                 stop_ids=stop_ids_for(loaded),
                 stop_strings=stop_strings,
-                batch_size=batch_size,
             )
-            for i, result in zip(batch, results, strict=True):
-                out[i][response_key] = extract_response(result.text, style)
-            if on_answered is not None:
-                on_answered(dict(zip(batch, results, strict=True)))
-            if out_path is not None:
-                atomic_write_json(out_path, out, indent=_JSON_INDENT)
-            bar.update(len(batch))
+        )
+        for j, result in answers:
+            i = pending[j]
+            out[i][response_key] = extract_response(result.text, style)
+            finished[i] = result
+            if len(finished) >= batch_size:
+                save()
+        if finished:
+            save()
     finally:
         bar.close()
     if out_path is not None and not pending:

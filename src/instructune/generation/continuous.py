@@ -1,20 +1,29 @@
 """``ContinuousBatch``: the KV-cached batch the engine decodes, which rows join and leave between
 steps.
 
-Layout: the rows are right-aligned. Every row's latest token sits in the last filled column of
+Layout: the rows are right-aligned. Every row's latest token sits in the last used column of
 the cache; a row that came later (or has a shorter prompt) has padding columns on its left,
 hidden by the attention mask, and its positions count its own tokens from 0. So each row sees
 exactly what it would see alone, as in ``generation.decoding.BatchDecoder``::
 
-    columns:    0    1    2    3    4    5
+    columns:    s    .    .    .    .    e-1
     row 0:      a0   a1   a2   a3   a4   a5     (running for a while)
     row 1:      pad  pad  b0   b1   b2   b3     (joined later)
     row 2:      pad  pad  pad  c0   c1   c2     (its prompt just prefilled)
 
-A joining request's prompt is prefilled in a batch of its own (left-padded like any batch),
-then its keys/values are merged in: the shorter side gets padding columns on the left. When
-rows leave, the columns no remaining row uses are trimmed from the left, so the cache is as
-wide as the longest running row, never wider, however long the batch keeps running.
+The rows and columns in use are a window, rows ``[0, n)`` and columns ``[s, e)``, of buffers
+with spare rows and spare columns on both sides, so that rows joining and leaving cost about
+what the rows themselves hold, not a copy of the whole cache:
+
+- a decoding step writes column ``e`` (spare columns on the right, so the buffers grow by a copy
+  once in many steps);
+- a joining request's prompt is prefilled in a batch of its own (left-padded like any batch),
+  then its keys/values are copied into a spare row, right-aligned with the rest; a prompt longer
+  than the window moves ``s`` left into the spare columns (the other rows get padding there,
+  which is only a change of their mask);
+- a leaving row is replaced by the last row (one row copied), and the columns no remaining row
+  uses are dropped by moving ``s`` right (nothing copied), so the attention is as wide as the
+  longest running row, never wider.
 
 Prompts mostly start alike (the Alpaca preamble, a chat template's system prompt): the keys and
 values of one earlier prompt are kept, and a joining prompt that starts as it did gets those
@@ -30,39 +39,46 @@ import time
 import torch
 
 from instructune.generation.decoding import left_padded
+from instructune.models.layers import linear
 
-# Spare columns allocated past the filled ones, so the cache grows by a copy once in this many
-# steps rather than every step.
+# Spare columns kept on the right of the window when the buffers are laid out again (at least
+# this many, or the window's width: the buffers double, so growing costs O(1) per step).
 _HEADROOM = 32
+# Spare columns kept on the left, for a joining prompt longer than the rows running.
+_LEFT_SPARE = 64
 # A prefix shared with an earlier prompt is copied rather than run again when it is at least
 # this long (below that, the copy costs about what it saves).
 _MIN_PREFIX = 4
 
 
-class _RowCache:
-    """Keys and values for every layer, (B, KV, capacity, hd), filled up to ``length``.
+class _Window:
+    """The cache as the model sees it: rows ``[0, rows)`` and columns ``[start, start + length)``
+    of per-layer key/value buffers (R, KV, C, hd).
 
     It speaks the model's cache protocol (``length``, ``update``, ``advance``) as the models'
-    ``KVCache`` does, but the batch owns its buffers, so rows and columns can be merged and
-    trimmed.
+    ``KVCache`` does, but the batch owns the buffers, so rows and columns can be moved.
     """
 
-    def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor], length: int):
+    def __init__(
+        self, k: list[torch.Tensor], v: list[torch.Tensor], rows: int, start: int, length: int
+    ):
         self.k = k
         self.v = v
+        self.rows = rows
+        self.start = start
         self.length = length
-
-    @property
-    def capacity(self) -> int:
-        return self.k[0].shape[2]
 
     def update(
         self, layer: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        end = self.length + k.shape[2]
-        self.k[layer][:, :, self.length : end] = k
-        self.v[layer][:, :, self.length : end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        end = self.start + self.length
+        new_end = end + k.shape[2]
+        self.k[layer][: self.rows, :, end:new_end] = k
+        self.v[layer][: self.rows, :, end:new_end] = v
+        return (
+            self.k[layer][: self.rows, :, self.start : new_end],
+            self.v[layer][: self.rows, :, self.start : new_end],
+        )
 
     def advance(self, n: int) -> None:
         self.length += n
@@ -74,16 +90,19 @@ class ContinuousBatch:
     The engine drives it: ``step(prompts)`` runs the model once for the running rows (feeding
     each the token ``accept`` gave it) and prefills ``prompts`` as new rows, appended after the
     running ones; it returns the next-token logits of every row. ``accept(tokens)`` gives every
-    row its chosen token; ``remove(rows)`` drops rows.
+    row its chosen token; ``remove(rows)`` drops rows and says how the others were reordered.
 
     Args:
         model: a model with ``forward_hidden``, ``output_weight`` and ``new_cache``.
         pad_id: the id put in padded positions of a prefill (never attended to).
+        max_rows: the most rows there will be (the engine's ``max_batch``): buffers never get
+            more rows than this.
     """
 
-    def __init__(self, model: torch.nn.Module, *, pad_id: int):
+    def __init__(self, model: torch.nn.Module, *, pad_id: int, max_rows: int | None = None):
         self.model = model
         self.pad_id = pad_id
+        self.max_rows = max_rows
         self.device = model.output_weight.device
         # The cache's shape per layer, from the model's own cache (its public API).
         probe = model.new_cache(1, 1, device=self.device)
@@ -95,25 +114,53 @@ class ContinuousBatch:
         self._prefix_k: list[torch.Tensor] = []
         self._prefix_v: list[torch.Tensor] = []
         self.reused_tokens = 0  # prompt tokens whose keys/values came from the kept prefix
+        self.relayouts = 0  # times the buffers were allocated and the window copied
+        self._k: list[torch.Tensor] = []
+        self._v: list[torch.Tensor] = []
         self.reset()
 
     def __len__(self) -> int:
         return int(self.next_pos.shape[0])
 
     def reset(self) -> None:
-        """Forget every row."""
-        self.cache: _RowCache | None = None
-        self.mask = torch.zeros((0, 0), dtype=torch.bool, device=self.device)  # (B, L)
-        self.next_pos = torch.zeros(0, dtype=torch.long, device=self.device)  # (B,)
-        self.last = torch.zeros(0, dtype=torch.long, device=self.device)  # (B,) to feed next
+        """Forget every row (the buffers are kept for the next ones)."""
+        self.start = self.end = _LEFT_SPARE if self._k else 0
+        self.mask = torch.zeros((0, 0), dtype=torch.bool, device=self.device)  # (n, e - s)
+        self.next_pos = torch.zeros(0, dtype=torch.long, device=self.device)  # (n,)
+        self.last = torch.zeros(0, dtype=torch.long, device=self.device)  # (n,) to feed next
 
-    def _buffers(self, rows: int, capacity: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    @property
+    def _row_capacity(self) -> int:
+        return self._k[0].shape[0] if self._k else 0
+
+    @property
+    def _column_capacity(self) -> int:
+        return self._k[0].shape[2] if self._k else 0
+
+    def _relayout(self, *, rows: int, left: int, right: int) -> None:
+        """Move the window into new buffers with at least ``rows`` rows, ``left`` spare columns
+        before it and ``right`` after it."""
+        n, width = len(self), self.end - self.start
+        if rows > self._row_capacity:
+            # Double, so a batch filling up one row at a time is copied log2(rows) times.
+            rows = max(rows, 2 * self._row_capacity)
+            if self.max_rows is not None:
+                rows = max(min(rows, self.max_rows), n)
+        rows = max(rows, self._row_capacity)
+        left = max(left, _LEFT_SPARE)
+        right = max(right, _HEADROOM, width)
         # Zeros, not empty: padding columns are masked, but a NaN left in freed memory would
-        # still poison the attention's weighted sum (0 * NaN).
-        shape = (rows, self._kv_heads, capacity, self._head_dim)
+        # still poison the attention's weighted sum (0 * NaN). Later, columns only ever hold
+        # keys/values the model computed, so masked ones stay finite.
+        shape = (rows, self._kv_heads, left + width + right, self._head_dim)
         k = [torch.zeros(shape, dtype=self._dtype, device=self.device) for _ in range(self._layers)]
         v = [torch.zeros(shape, dtype=self._dtype, device=self.device) for _ in range(self._layers)]
-        return k, v
+        for layer in range(self._layers if n else 0):
+            k[layer][:n, :, left : left + width] = self._k[layer][:n, :, self.start : self.end]
+            v[layer][:n, :, left : left + width] = self._v[layer][:n, :, self.start : self.end]
+        self._k, self._v = k, v
+        self.start, self.end = left, left + width
+        self.relayouts += 1
 
     # -- one step ----------------------------------------------------------------------------
 
@@ -138,94 +185,124 @@ class ContinuousBatch:
         """The tokens chosen for every row (B,): each row is fed its own at the next step."""
         self.last = tokens.to(device=self.device, dtype=torch.long)
 
-    def remove(self, rows: list[int]) -> None:
-        """Drop batch ``rows``; trim the columns no remaining row uses."""
-        gone = set(rows)
-        keep = [j for j in range(len(self)) if j not in gone]
-        if not keep:
+    @torch.inference_mode()
+    def remove(self, rows: list[int]) -> list[int]:
+        """Drop batch ``rows``: each is replaced by the current last row. Returns the new order:
+        ``order[i]`` is the old index of the row now at ``i``."""
+        n = len(self)
+        order = list(range(n))
+        for j in sorted(set(rows), reverse=True):
+            # Every dropped row after j is gone already, so the last row is j or a kept one.
+            order[j] = order[-1]
+            order.pop()
+        if not order:
             self.reset()
-            return
-        index = torch.tensor(keep, dtype=torch.long, device=self.device)
+            return []
+        # Rows that move come from the tail (old index >= the new count) into the holes (new
+        # index < the new count): sources and destinations never overlap, so one gather each.
+        moved = [i for i, old in enumerate(order) if old != i]
+        if moved:
+            dest = torch.tensor(moved, dtype=torch.long, device=self.device)
+            src = torch.tensor([order[i] for i in moved], dtype=torch.long, device=self.device)
+            for buf in (*self._k, *self._v):
+                window = buf[:, :, self.start : self.end]
+                window[dest] = window[src]
+        index = torch.tensor(order, dtype=torch.long, device=self.device)
         mask = self.mask[index]
-        # The first column any remaining row uses; every column before it is padding for all.
-        start = int(mask.any(dim=0).long().argmax())
-        width = mask.shape[1] - start
-        cache = self.cache
-        k, v = self._buffers(len(keep), width + _HEADROOM)
-        for layer in range(self._layers):
-            for old, new in ((cache.k[layer], k[layer]), (cache.v[layer], v[layer])):
-                torch.index_select(old[:, :, start : cache.length], 0, index, out=new[:, :, :width])
-        self.cache = _RowCache(k, v, width)
-        self.mask = mask[:, start:]
+        # The first column any remaining row uses; the columns before it are padding for all.
+        first = int(mask.any(dim=0).long().argmax())
+        self.start += first
+        self.mask = mask[:, first:]
         self.next_pos = self.next_pos[index]
         self.last = self.last[index]
+        return order
 
     # -- the model side ----------------------------------------------------------------------
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # The head runs on the last position only (cheap, even for a 49k vocabulary).
-        return torch.nn.functional.linear(hidden[:, -1], self.model.output_weight)
+        return linear(hidden[:, -1], self.model.output_weight)
 
     def _advance(self) -> torch.Tensor:
         """Feed every running row its last token; the logits for the next ones (B, V)."""
-        cache = self.cache
-        if cache.length + 1 > cache.capacity:
-            self._grow()
-            cache = self.cache
-        ones = torch.ones((len(self), 1), dtype=torch.bool, device=self.device)
+        n = len(self)
+        if self.end + 1 > self._column_capacity:
+            self._relayout(rows=n, left=0, right=1)
+        ones = torch.ones((n, 1), dtype=torch.bool, device=self.device)
         self.mask = torch.cat([self.mask, ones], dim=1)
         padded = not bool(self.mask.all())
+        window = _Window(self._k, self._v, n, self.start, self.end - self.start)
         hidden = self.model.forward_hidden(
             self.last[:, None],
             position_ids=self.next_pos[:, None],
             attention_mask=self.mask if padded else None,
-            cache=cache,
+            cache=window,
         )
+        self.end += 1
         self.next_pos = self.next_pos + 1
         return self._logits(hidden)
 
-    def _grow(self) -> None:
-        """Move the cache into buffers with ``_HEADROOM`` more columns."""
-        cache = self.cache
-        k, v = self._buffers(len(self), cache.length + _HEADROOM)
-        for layer in range(self._layers):
-            k[layer][:, :, : cache.length] = cache.k[layer][:, :, : cache.length]
-            v[layer][:, :, : cache.length] = cache.v[layer][:, :, : cache.length]
-        self.cache = _RowCache(k, v, cache.length)
-
     def _prefill(self, prompts: list[list[int]]) -> torch.Tensor:
-        """Run ``prompts`` as one left-padded batch, then merge them in as new rows.
+        """Run ``prompts`` as one left-padded batch, then place them in spare rows.
 
-        Layout of a row: [prefix][padding][the rest of its prompt], where the prefix is what
+        Layout of a new row: [prefix][padding][the rest of its prompt], where the prefix is what
         every prompt shares with a prompt prefilled before (the Alpaca preamble, a system
         prompt): its keys/values are copied from then, not computed again.
         """
-        n = len(prompts)
+        m = len(prompts)
         shared = self._reusable_prefix(prompts)
         rests = [p[shared:] for p in prompts]
         width = max(len(r) for r in rests)
         ids, mask, positions = left_padded(rests, shared, self.pad_id, self.device)
         padded = not bool(mask.all())
-        k, v = self._buffers(n, shared + width + _HEADROOM)
+        shape = (m, self._kv_heads, shared + width, self._head_dim)
+        k = [torch.empty(shape, dtype=self._dtype, device=self.device) for _ in range(self._layers)]
+        v = [torch.empty(shape, dtype=self._dtype, device=self.device) for _ in range(self._layers)]
         for layer in range(self._layers if shared else 0):
             k[layer][:, :, :shared] = self._prefix_k[layer][:, :, :shared]
             v[layer][:, :, :shared] = self._prefix_v[layer][:, :, :shared]
-        cache = _RowCache(k, v, shared)
-        self.reused_tokens += shared * n
+        self.reused_tokens += shared * m
         hidden = self.model.forward_hidden(
             ids,
             position_ids=positions[:, shared:],
             attention_mask=mask if padded else None,
-            cache=cache,
+            cache=_Window(k, v, m, 0, shared),
         )
         if not shared:
             # Keep the longest prompt's keys/values (it has no padding) for later prefills.
-            row = max(range(n), key=lambda i: len(prompts[i]))
+            row = max(range(m), key=lambda i: len(prompts[i]))
             self._prefix_ids = list(prompts[row])
-            self._prefix_k = [t[row : row + 1, :, :width].clone() for t in k]
-            self._prefix_v = [t[row : row + 1, :, :width].clone() for t in v]
-        self._merge(cache, mask, positions[:, -1] + 1)
+            self._prefix_k = [t[row : row + 1].clone() for t in k]
+            self._prefix_v = [t[row : row + 1].clone() for t in v]
+        self._place(k, v, mask, positions[:, -1] + 1)
         return self._logits(hidden)
+
+    def _place(
+        self,
+        k: list[torch.Tensor],
+        v: list[torch.Tensor],
+        mask: torch.Tensor,
+        next_pos: torch.Tensor,
+    ) -> None:
+        """Copy prefilled rows (keys/values, (m, KV, w, hd) per layer) into the spare rows after
+        the running ones, right-aligned with them."""
+        n, m, w = len(self), mask.shape[0], mask.shape[1]
+        if not n:
+            self.start = self.end = max(self.start, _LEFT_SPARE if self._k else 0)
+        width = self.end - self.start
+        grow_left = max(0, w - width)  # a longer prompt widens the window on the left
+        if n + m > self._row_capacity or self.start - grow_left < 0:
+            self._relayout(rows=n + m, left=grow_left, right=0)
+        self.start -= grow_left
+        width = self.end - self.start
+        for layer in range(self._layers):
+            self._k[layer][n : n + m, :, self.end - w : self.end] = k[layer]
+            self._v[layer][n : n + m, :, self.end - w : self.end] = v[layer]
+        merged = torch.zeros((n + m, width), dtype=torch.bool, device=self.device)
+        merged[:n, width - self.mask.shape[1] :] = self.mask
+        merged[n:, width - w :] = mask
+        self.mask = merged
+        self.next_pos = torch.cat([self.next_pos, next_pos])
 
     def _reusable_prefix(self, prompts: list[list[int]]) -> int:
         """How many leading tokens every prompt shares with the kept prefill, leaving each at
@@ -238,23 +315,3 @@ class ContinuousBatch:
                 same += 1
             shared = same
         return shared if shared >= _MIN_PREFIX else 0
-
-    def _merge(self, new: _RowCache, mask: torch.Tensor, next_pos: torch.Tensor) -> None:
-        """Append the rows of ``new`` (prefilled) to the batch, right-aligned with the rest."""
-        if not len(self):
-            self.cache, self.mask, self.next_pos = new, mask, next_pos
-            return
-        old = self.cache
-        old_rows, new_rows = len(self), mask.shape[0]
-        width = max(old.length, new.length)
-        k, v = self._buffers(old_rows + new_rows, width + _HEADROOM)
-        for layer in range(self._layers):
-            for buf, o, n in ((k, old.k, new.k), (v, old.v, new.v)):
-                buf[layer][:old_rows, :, width - old.length : width] = o[layer][:, :, : old.length]
-                buf[layer][old_rows:, :, width - new.length : width] = n[layer][:, :, : new.length]
-        merged = torch.zeros((old_rows + new_rows, width), dtype=torch.bool, device=self.device)
-        merged[:old_rows, width - old.length :] = self.mask
-        merged[old_rows:, width - new.length :] = mask
-        self.cache = _RowCache(k, v, width)
-        self.mask = merged
-        self.next_pos = torch.cat([self.next_pos, next_pos])

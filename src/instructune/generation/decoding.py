@@ -20,6 +20,7 @@ import torch
 
 from instructune.generation.base import FinishReason
 from instructune.generation.sampling import Sampler
+from instructune.models.layers import linear
 
 # A prefix all prompts of a batch share is run once when it is at least this long (below
 # that, copying its keys/values to every row costs about what it saves).
@@ -86,7 +87,7 @@ def _last_logits(model: torch.nn.Module, **kwargs: Any) -> torch.Tensor:
     that is a noticeable share of a long prompt's prefill.
     """
     hidden = model.forward_hidden(**kwargs)[:, -1]
-    return torch.nn.functional.linear(hidden, model.output_weight)
+    return linear(hidden, model.output_weight)
 
 
 def _keep_cache_rows(cache: Any, rows: torch.Tensor) -> bool:

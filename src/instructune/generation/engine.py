@@ -1,5 +1,5 @@
-"""The serving engine: one background thread owns the model and decodes every client's request
-in one shared, continuously refilled batch.
+"""The continuous-batching engine: one thread owns the model and decodes every request (a
+server's clients, or a data set's prompts) in one shared, continuously refilled batch.
 
 A request that arrives while others are decoding joins the batch at the next step (its prompt is
 prefilled then), a finished or cancelled one leaves it at once, and each keeps its own sampling
@@ -27,23 +27,23 @@ import itertools
 import math
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from instructune.generation.base import GenerationError
+from instructune.generation.continuous import ContinuousBatch
 from instructune.generation.decoding import context_length_of, model_device_dtype
-from instructune.generation.sampling import Sampler, prompt_generators
-from instructune.generation.text import fit_context
-from instructune.serving.batching import ContinuousBatch
-from instructune.serving.requests import (
+from instructune.generation.requests import (
     EngineError,
     EngineEvent,
     EngineFinish,
     EngineRequest,
     QueueFullError,
 )
+from instructune.generation.sampling import Sampler, prompt_generators
+from instructune.generation.text import fit_context
 
 if TYPE_CHECKING:
     from instructune.checkpoints.load import LoadedModel
@@ -88,7 +88,7 @@ class Engine:
         self.device, _ = model_device_dtype(self.model)
         self.context_length = context_length_of(self.model)
         self._embedding_rows = int(self.model.output_weight.shape[0])
-        self._batch = ContinuousBatch(self.model, pad_id=self.tokenizer.pad_id)
+        self._batch = ContinuousBatch(self.model, pad_id=self.tokenizer.pad_id, max_rows=max_batch)
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._queue: collections.deque[EngineRequest] = collections.deque()
@@ -223,7 +223,8 @@ class Engine:
         joined a batch already decoding), ``tokens`` (generated), ``near_ties`` (greedy choices
         whose top-2 logits were closer than 1e-4), ``max_running`` (the largest batch so far),
         ``prefix_reused_tokens`` (prompt tokens whose keys/values were copied from an earlier
-        prompt's, not run again) and ``busy_s`` (seconds spent in steps)."""
+        prompt's, not run again), ``cache_relayouts`` (times the cache buffers were allocated and
+        the running rows copied) and ``busy_s`` (seconds spent in steps)."""
         with self._lock:
             return {
                 "running": len(self._running),
@@ -247,6 +248,7 @@ class Engine:
                     )
                 },
                 "prefix_reused_tokens": self._batch.reused_tokens,
+                "cache_relayouts": self._batch.relayouts,
                 "busy_s": round(self._busy_s, 6),
             }
 
@@ -357,12 +359,27 @@ class Engine:
             self._busy_s += time.perf_counter() - started
         return True
 
+    def run_until_done(self) -> Iterator[EngineRequest]:
+        """Drive an engine that was not ``start()``ed in the caller's thread until every
+        submitted request has finished; yield each request as it finishes (any reason)."""
+        with self._lock:
+            waiting = [*self._running, *self._queue]
+        while waiting:
+            if not self.step():
+                raise EngineError(f"{len(waiting)} requests neither run nor wait in the engine")
+            still = []
+            for request in waiting:
+                if request.finish_reason is None:
+                    still.append(request)
+                else:
+                    yield request
+            waiting = still
+
     def _drop(self, rows: list[int], reason: EngineFinish | None) -> None:
         """Remove batch ``rows`` (lock held); finish them with ``reason`` (None: already)."""
         if not rows:
             return
-        self._batch.remove(rows)
-        gone = set(rows)
+        order = self._batch.remove(rows)
         for j in rows:
             request = self._running[j]
             if reason is not None:
@@ -373,7 +390,8 @@ class Engine:
                 spent = time.perf_counter() - request.admitted_at
                 # A running mean of request times, for Retry-After.
                 self._mean_request_s += 0.1 * (spent - self._mean_request_s)
-        self._running = [r for j, r in enumerate(self._running) if j not in gone]
+        # The batch filled the holes with its last rows: the requests follow their rows.
+        self._running = [self._running[i] for i in order]
 
     def _fail(self, requests: list[EngineRequest], exc: Exception) -> None:
         error = EngineError(f"generation failed: {type(exc).__name__}: {exc}")

@@ -1,28 +1,52 @@
-"""``generate_continuous``: ``generate`` for many prompts on the serving engine, which refills a
-finished row from the queue at once instead of waiting for the batch's longest answer.
+"""Many prompts on the engine: a finished row is refilled from the queue at once, instead of the
+batch waiting for its longest answer.
 
 With a static batch (``generate``), every batch costs as many steps as its longest answer, and
 the rows that finished early sit idle; answering a data set whose answers vary in length (the
 book's test split), the engine keeps ``max_batch`` rows busy until the queue runs dry. The
 answers are the same: the engine gives each prompt what it gets alone.
 
-Public name: ``generate_continuous``.
+Public names: ``decode_as_completed`` (results as each prompt finishes: what a resumable
+answering loop saves from) and ``generate_continuous`` (all results, in prompt order).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Literal
 
 from instructune.generation.base import GenerationError, GenerationResult
+from instructune.generation.decoding import eval_mode
+from instructune.generation.engine import Engine
 from instructune.generation.text import fit_context
-from instructune.serving.engine import Engine
 
 if TYPE_CHECKING:
     from instructune.checkpoints.load import LoadedModel
+    from instructune.generation.requests import EngineRequest
 
 
-def generate_continuous(
+def _seeds(seed: int | Sequence[int] | None, count: int) -> list[int | None]:
+    if isinstance(seed, int):
+        return [seed + i for i in range(count)]
+    if seed is None:
+        return [None] * count
+    seeds = [int(s) for s in seed]
+    if len(seeds) != count:
+        raise GenerationError(f"seed: got {len(seeds)} seeds for {count} prompts")
+    return seeds
+
+
+def _result(request: EngineRequest) -> GenerationResult:
+    events = list(request.events())
+    return GenerationResult(
+        text="".join(e.text for e in events),
+        token_ids=[t for e in events for t in e.token_ids],
+        finish_reason=events[-1].finish_reason,  # type: ignore[arg-type]
+        prompt_tokens=len(request.prompt_ids),
+    )
+
+
+def decode_as_completed(
     loaded: LoadedModel,
     prompts: Sequence[Sequence[int]],
     *,
@@ -35,35 +59,31 @@ def generate_continuous(
     stop_ids: Sequence[int] | None = None,
     stop_strings: Sequence[str] | None = None,
     context: Literal["crop", "error"] = "crop",
-) -> list[GenerationResult]:
-    """One ``GenerationResult`` per encoded prompt, in order, decoded with continuous refill.
+) -> Iterator[tuple[int, GenerationResult]]:
+    """Decode encoded ``prompts`` with continuous refill; yield ``(index, result)`` as each one
+    finishes (so not in order).
 
-    The options are ``generate``'s (prompt i samples with seed ``seed + i``, or ``seed[i]``),
-    and the results are what ``generate`` returns for each prompt (greedy: up to near-ties);
-    ``max_batch`` is the most prompts decoded together. Runs in the caller's thread.
+    The options are ``generate``'s (prompt i samples with seed ``seed + i``, or ``seed[i]``;
+    ``context="crop"`` keeps a too-long prompt's end), and each result is what ``generate``
+    returns for that prompt alone (greedy: up to near-ties); ``max_batch`` is the most prompts
+    decoded together. Runs in the caller's thread; the model is back in its mode afterwards.
     """
-    if isinstance(seed, int):
-        seeds: list[int | None] = [seed + i for i in range(len(prompts))]
-    elif seed is None:
-        seeds = [None] * len(prompts)
-    else:
-        seeds = [int(s) for s in seed]
-        if len(seeds) != len(prompts):
-            raise GenerationError(f"seed: got {len(seeds)} seeds for {len(prompts)} prompts")
+    seeds = _seeds(seed, len(prompts))
     engine = Engine(loaded, max_batch=max_batch, max_queue=max(1, len(prompts)))
-    tokenizer = loaded.tokenizer
-    requests = []
-    for i, prompt in enumerate(prompts):
-        fitted = fit_context(
-            [int(t) for t in prompt],
-            index=i,
-            context_length=engine.context_length,
-            max_new_tokens=max_new_tokens,
-            context=context,
-            bos_id=tokenizer.bos_id if tokenizer.add_bos else None,
-        )
-        requests.append(
-            engine.submit(
+    with eval_mode(loaded.model):
+        engine.model.eval()
+        tokenizer = loaded.tokenizer
+        requests = {}
+        for i, prompt in enumerate(prompts):
+            fitted = fit_context(
+                [int(t) for t in prompt],
+                index=i,
+                context_length=engine.context_length,
+                max_new_tokens=max_new_tokens,
+                context=context,
+                bos_id=tokenizer.bos_id if tokenizer.add_bos else None,
+            )
+            request = engine.submit(
                 fitted,
                 max_new_tokens=max_new_tokens,
                 temperature=temperature,
@@ -73,18 +93,17 @@ def generate_continuous(
                 stop_ids=stop_ids,
                 stop_strings=stop_strings,
             )
-        )
-    while engine.step():
-        pass
-    results = []
-    for request in requests:
-        events = list(request.events())
-        results.append(
-            GenerationResult(
-                text="".join(e.text for e in events),
-                token_ids=[t for e in events for t in e.token_ids],
-                finish_reason=events[-1].finish_reason,  # type: ignore[arg-type]
-                prompt_tokens=len(request.prompt_ids),
-            )
-        )
-    return results
+            requests[request.id] = i
+        for request in engine.run_until_done():
+            yield requests[request.id], _result(request)
+
+
+def generate_continuous(
+    loaded: LoadedModel, prompts: Sequence[Sequence[int]], **options
+) -> list[GenerationResult]:
+    """One ``GenerationResult`` per encoded prompt, in order: ``decode_as_completed``'s (same
+    options), collected."""
+    results: list[GenerationResult | None] = [None] * len(prompts)
+    for i, result in decode_as_completed(loaded, prompts, **options):
+        results[i] = result
+    return results  # type: ignore[return-value]

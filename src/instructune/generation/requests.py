@@ -5,7 +5,7 @@
 turns them into text pieces as ``stream`` does. ``EngineEvent`` is one piece.
 
 Public names: ``EngineRequest``, ``EngineEvent``, ``EngineFinish``, ``EngineError``,
-``QueueFullError`` (all re-exported by ``instructune.serving.engine``).
+``QueueFullError`` (all re-exported by ``instructune.generation.engine``).
 """
 
 from __future__ import annotations

@@ -20,7 +20,8 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from instructune.serving import ollama, openai
-from instructune.serving.models import ModelRegistry, RequestError
+from instructune.serving.fields import RequestError
+from instructune.serving.models import ModelRegistry
 
 # Larger than any prompt a served context holds, small enough that a client cannot make the
 # server buffer a large body.
@@ -91,7 +92,7 @@ def create_app(
     async def unexpected(request: Request, exc: Exception):
         from instructune.errors import InstructuneError
         from instructune.generation.base import GenerationError
-        from instructune.serving.engine import EngineError
+        from instructune.generation.engine import EngineError
 
         if isinstance(exc, EngineError):
             # The engine is closed, or the model failed on a step this request was in.

@@ -21,10 +21,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 import instructune
-from instructune.serving.models import (
+from instructune.serving.fields import (
     RequestError,
-    ServedModel,
-    Settings,
     check_messages,
     get_bool,
     get_int,
@@ -34,6 +32,7 @@ from instructune.serving.models import (
     get_str,
     read_json,
 )
+from instructune.serving.models import ServedModel, Settings
 
 router = APIRouter()
 
@@ -143,7 +142,7 @@ async def _answer(request: Request, kind: str) -> Any:
         ids = model.text_ids(
             prompt, system=get_str(body, "system"), raw=get_bool(body, "raw", False)
         )
-    from instructune.serving.engine import EngineError, QueueFullError
+    from instructune.generation.engine import EngineError, QueueFullError
 
     try:
         req = model.submit(ids, settings, prompt_field="messages" if kind == "chat" else "prompt")

@@ -18,10 +18,8 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from instructune.serving.models import (
+from instructune.serving.fields import (
     RequestError,
-    ServedModel,
-    Settings,
     check_messages,
     get_bool,
     get_int,
@@ -31,6 +29,7 @@ from instructune.serving.models import (
     get_str,
     read_json,
 )
+from instructune.serving.models import ServedModel, Settings
 
 router = APIRouter()
 
@@ -171,7 +170,7 @@ async def _complete(request: Request, chat: bool) -> Any:
                 code="invalid_value",
             )
         ids, prompt_field = model.text_ids(prompt, raw=True), "prompt"
-    from instructune.serving.engine import EngineError, QueueFullError
+    from instructune.generation.engine import EngineError, QueueFullError
 
     try:
         req = model.submit(ids, settings, prompt_field=prompt_field)
