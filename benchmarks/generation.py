@@ -26,14 +26,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from machine import machine_lines
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "instruction-data.json"
@@ -43,26 +43,6 @@ EMBEDDED = "smollm2-135m-instruct"
 
 # ------------------------------------------------------------------------------------------
 # Machine and helpers
-
-
-def machine_lines() -> list[str]:
-    import torch
-    import transformers
-
-    cpu = platform.processor() or "unknown"
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        cpu = next(
-            (ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")),
-            cpu,
-        )
-    except OSError:
-        pass
-    return [
-        f"machine: {cpu}; {os.cpu_count()} logical CPUs; {platform.platform()}",
-        f"python {platform.python_version()}, torch {torch.__version__}, transformers "
-        f"{transformers.__version__}, torch threads {torch.get_num_threads()}",
-    ]
 
 
 def peak_rss_mb() -> float:
