@@ -85,12 +85,14 @@ class JudgeServer:
         models: Sequence[str] = (f"{MODEL}:latest",),
         digest: str = DIGEST,
         max_requests: int = 400,
+        template: str | None = None,
     ):
         self.scorer = scorer
         self.script = script
         self.models = list(models)
         self.digest = digest
         self.max_requests = max_requests
+        self.template = template  # what /api/show reports (None: 404, as for an unknown model)
         self.chat_requests: list[dict] = []
         self.other_requests: list[str] = []
         self.auth_headers: list[str | None] = []
@@ -127,7 +129,7 @@ class JudgeServer:
     @property
     def prompts(self) -> list[str]:
         with self._lock:
-            return [r["body"]["messages"][-1]["content"] for r in self.chat_requests]
+            return [_prompt_of(r["body"]) for r in self.chat_requests]
 
     # -- scripting
 
@@ -141,6 +143,18 @@ class JudgeServer:
         if callable(self.script):
             return self.script(index, body)
         return self.script[index] if index < len(self.script) else OK
+
+
+def _prompt_of(body: dict) -> str:
+    """The text a request asks about: the last chat message, or a completion's prompt."""
+    if "messages" in body:
+        return body["messages"][-1]["content"]
+    return body.get("prompt", "")
+
+
+# Raw completions (Ollama /api/generate, OpenAI /v1/completions) carry their piece of the answer
+# here instead of in a chat message.
+_COMPLETION_PATHS = ("/api/generate", "/v1/completions")
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -216,7 +230,13 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         body = self._body()
-        if self.path not in ("/api/chat", "/v1/chat/completions"):
+        if self.path == "/api/show":
+            if self.judge.template is None:
+                self._send_json({"error": "model not found"}, status=404)
+            else:
+                self._send_json({"template": self.judge.template, "parameters": ""})
+            return
+        if self.path not in ("/api/chat", "/v1/chat/completions", *_COMPLETION_PATHS):
             self._send_json({"error": "not found"}, status=404)
             return
         self.judge.auth_headers.append(self.headers.get("Authorization"))
@@ -232,8 +252,8 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             text = reply.text
             if text is None:
-                text = self.judge.scorer(body["messages"][-1]["content"])
-            if self.path == "/api/chat":
+                text = self.judge.scorer(_prompt_of(body))
+            if self.path in ("/api/chat", "/api/generate"):
                 self._ollama(body, reply, text)
             else:
                 self._openai(body, reply, text)
@@ -258,8 +278,9 @@ class _Handler(BaseHTTPRequestHandler):
                 self.end_headers()
                 self.wfile.write(data)
                 return
-            msg = {"role": "assistant", "content": text}
-            self._send_json({"model": model, "message": msg, "done": True, "done_reason": "stop"})
+            self._send_json(
+                {"model": model, **self._ollama_piece(text), "done": True, "done_reason": "stop"}
+            )
             return
         self._start_chunked("application/x-ndjson")
         pieces = [text[i : i + 2] for i in range(0, len(text), 2)] or [""]
@@ -269,25 +290,26 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             if reply.kind == "badjson" and n == 0:
                 self._chunk(b"this is not json\n")
-            line = {
-                "model": model,
-                "message": {"role": "assistant", "content": piece},
-                "done": False,
-            }
+            line = {"model": model, **self._ollama_piece(piece), "done": False}
             self._chunk(json.dumps(line).encode() + b"\n")
             if reply.kind == "stall" and n == 0 and self.judge.stopping.wait(reply.delay):
                 return
         if reply.kind == "drop":  # a one-piece answer: drop before "done"
             self._drop()
             return
-        final = {
-            "model": model,
-            "message": {"role": "assistant", "content": ""},
-            "done": True,
-            "done_reason": "stop",
-        }
+        final = {"model": model, **self._ollama_piece(""), "done": True, "done_reason": "stop"}
         self._chunk(json.dumps(final).encode() + b"\n")
         self._end_chunked()
+
+    def _ollama_piece(self, text: str) -> dict:
+        if self.path == "/api/generate":
+            return {"response": text}
+        return {"message": {"role": "assistant", "content": text}}
+
+    def _openai_choice(self, text: str, *, whole: bool) -> dict:
+        if self.path == "/v1/completions":
+            return {"text": text}
+        return {"message" if whole else "delta": {"role": "assistant", "content": text}}
 
     def _openai(self, body: dict, reply: Reply, text: str) -> None:
         model = body.get("model", MODEL)
@@ -308,7 +330,7 @@ class _Handler(BaseHTTPRequestHandler):
                     "choices": [
                         {
                             "index": 0,
-                            "message": {"role": "assistant", "content": text},
+                            **self._openai_choice(text, whole=True),
                             "finish_reason": "stop",
                         }
                     ],
@@ -328,7 +350,9 @@ class _Handler(BaseHTTPRequestHandler):
                 "id": "chatcmpl-test",
                 "object": "chat.completion.chunk",
                 "model": model,
-                "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}],
+                "choices": [
+                    {"index": 0, **self._openai_choice(piece, whole=False), "finish_reason": None}
+                ],
             }
             self._chunk(b"data: " + json.dumps(event).encode() + b"\n\n")
             if reply.kind == "stall" and n == 0 and self.judge.stopping.wait(reply.delay):

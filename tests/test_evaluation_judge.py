@@ -24,10 +24,10 @@ from judge_server import (
 )
 
 from instructune.errors import InstructuneError
-from instructune.evaluation import evaluate_responses
+from instructune.evaluation import JudgeError, JudgeUnavailableError, evaluate_responses
 from instructune.evaluation.cache import Judgement, JudgementCache
-from instructune.evaluation.clients import JudgeError, JudgeUnavailableError, parse_judge
 from instructune.evaluation.prompt import RETRY_SUFFIX, SCORE_SCHEMA, build_judge_prompt
+from instructune.llm import parse_llm as parse_judge
 
 FAST = {"backoff": 0.05, "quiet": True, "embeddings": False, "histogram": False}
 
@@ -157,7 +157,7 @@ def test_api_key_is_not_sent_over_plain_http_to_another_host(tmp_path, monkeypat
     ],
 )
 def test_where_an_api_key_may_go(monkeypatch, url, allowed):
-    from instructune.evaluation.openai_compat import OpenAIClient
+    from instructune.llm.openai import OpenAIClient
 
     spec = parse_judge("openai:m", url)
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-123")

@@ -1,5 +1,6 @@
 """Scoring model responses: judge-free text metrics, and an LLM judge over Ollama or any
-OpenAI-compatible server (the book's section 7.8, made robust). Torch-free.
+OpenAI-compatible server (the book's section 7.8, made robust) through the project's LLM
+client, ``instructune.llm``. Torch-free.
 
 Main entry points: :func:`evaluate_responses` (what ``instructune evaluate`` and the fine-tuning
 job call) and :func:`compare_runs` (``instructune evaluate --compare A.json B.json``).
@@ -8,19 +9,8 @@ job call) and :func:`compare_runs` (``instructune evaluate --compare A.json B.js
 from __future__ import annotations
 
 from instructune.evaluation.cache import Judgement, JudgementCache, judgement_key
-from instructune.evaluation.clients import (
-    DEFAULT_URLS,
-    JudgeClient,
-    JudgeError,
-    JudgeSpec,
-    JudgeUnavailableError,
-    make_client,
-    parse_judge,
-)
 from instructune.evaluation.evaluate import evaluate_responses, load_responses
 from instructune.evaluation.judge import judge_one, judge_prompts
-from instructune.evaluation.ollama import OllamaClient
-from instructune.evaluation.openai_compat import OpenAIClient
 from instructune.evaluation.prompt import (
     BOOK_OPTIONS,
     PROMPT_VERSION,
@@ -43,19 +33,16 @@ from instructune.evaluation.textmetrics import (
     text_metrics,
     token_f1,
 )
+from instructune.llm.client import LLMError as JudgeError
+from instructune.llm.client import LLMUnavailableError as JudgeUnavailableError
 
 __all__ = [
     "BOOK_OPTIONS",
-    "DEFAULT_URLS",
     "PROMPT_VERSION",
+    "JudgeError",
+    "JudgeUnavailableError",
     "Judgement",
     "JudgementCache",
-    "JudgeClient",
-    "JudgeError",
-    "JudgeSpec",
-    "JudgeUnavailableError",
-    "OllamaClient",
-    "OpenAIClient",
     "bootstrap_ci",
     "build_judge_prompt",
     "compare_runs",
@@ -67,9 +54,7 @@ __all__ = [
     "judgement_key",
     "load_responses",
     "load_scores",
-    "make_client",
     "normalize_text",
-    "parse_judge",
     "parse_score",
     "pearson",
     "record_id",

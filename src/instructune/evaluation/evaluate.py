@@ -10,12 +10,12 @@ from pathlib import Path
 
 from instructune.errors import DataError, InstructuneError
 from instructune.evaluation.cache import JudgementCache
-from instructune.evaluation.clients import JudgeError, make_client, parse_judge
 from instructune.evaluation.embedding import embedding_similarity
 from instructune.evaluation.judge import judge_prompts
 from instructune.evaluation.prompt import (
     BOOK_OPTIONS,
     PROMPT_VERSION,
+    SCORE_SCHEMA,
     build_judge_prompt,
     estimate_tokens,
 )
@@ -28,6 +28,7 @@ from instructune.evaluation.report import (
     write_outputs,
 )
 from instructune.evaluation.textmetrics import NORMALISATION, text_metrics
+from instructune.llm.client import LLMError, make_client, parse_llm
 
 CACHE_NAME = "judge-cache.jsonl"
 
@@ -182,7 +183,7 @@ def evaluate_responses(
                 quiet=quiet,
                 warnings_out=warnings_out,
             )
-        except JudgeError as exc:
+        except LLMError as exc:
             if not judge_optional:
                 raise
             _warn(f"judge skipped, text metrics only: {exc}", warnings_out, quiet)
@@ -241,14 +242,16 @@ def _run_judge(
         raise InstructuneError(f"--workers must be at least 1 (got {workers})")
     if not timeout > 0:
         raise InstructuneError(f"--timeout must be positive (got {timeout})")
-    spec = parse_judge(judge, url)
+    spec = parse_llm(judge, url, flag="--judge")
     client = make_client(
         spec,
         timeout=timeout,
         retries=retries,
         backoff=backoff,
         stream=stream,
-        structured=structured,
+        options=BOOK_OPTIONS,
+        schema=SCORE_SCHEMA if structured else None,
+        schema_name="judge_score",
     )
     client.probe()
     cache = JudgementCache(cache_path)

@@ -15,11 +15,11 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 from instructune.evaluation.cache import Judgement, JudgementCache, judgement_key, sha256_text
-from instructune.evaluation.clients import JudgeClient, JudgeError
 from instructune.evaluation.prompt import PROMPT_VERSION, parse_score, retry_prompt
+from instructune.llm.client import LLMClient, LLMError
 
 
-def judge_one(client: JudgeClient, prompt: str) -> Judgement:
+def judge_one(client: LLMClient, prompt: str) -> Judgement:
     """Ask once; when the reply holds no score from 0 to 100, ask once more, more firmly."""
     reply = client.chat(prompt)
     score = parse_score(reply)
@@ -38,7 +38,7 @@ class JudgeStats:
     requested: int = 0  # judged in this run
 
 
-def prompt_key(client: JudgeClient, prompt: str) -> str:
+def prompt_key(client: LLMClient, prompt: str) -> str:
     """The cache key of ``prompt`` for this client (call after ``client.probe()``)."""
     return judgement_key(
         backend=client.spec.backend,
@@ -51,7 +51,7 @@ def prompt_key(client: JudgeClient, prompt: str) -> str:
 
 
 def judge_prompts(
-    client: JudgeClient,
+    client: LLMClient,
     prompts: Sequence[str],
     cache: JudgementCache,
     *,
@@ -61,11 +61,11 @@ def judge_prompts(
     """Judge every prompt (serving the cache first); return ``{prompt: judgement}`` and stats.
 
     Raises:
-        JudgeError: when the judge stays unreachable or refuses; every judgement received
+        LLMError: when the judge stays unreachable or refuses; every judgement received
             before that is in the cache, so running again resumes.
     """
     if workers < 1:
-        raise JudgeError(f"--workers must be at least 1 (got {workers})")
+        raise LLMError(f"--workers must be at least 1 (got {workers})")
     keys: dict[str, str] = {}
     for prompt in prompts:
         if prompt not in keys:
@@ -141,7 +141,7 @@ def judge_prompts(
     pool.shutdown(wait=True)
     progress.close()
     if failure is not None:
-        if isinstance(failure, JudgeError):
+        if isinstance(failure, LLMError):
             raise type(failure)(
                 f"{failure} (the {stats.requested} judgements received before that are saved "
                 f"in {cache.path}; run the same command again to resume)"

@@ -1,13 +1,17 @@
-"""Judge clients' shared plumbing; the backends are ``ollama.py`` (Ollama's ``/api/chat``) and
-``openai_compat.py`` (any OpenAI-compatible ``/v1/chat/completions``).
+"""The project's one LLM client: any Ollama-style or OpenAI-compatible server, torch-free.
 
-Both speak HTTP through the standard library (``http.client``) and read streamed answers as
-they arrive: Ollama sends one JSON object per line (NDJSON) until ``"done": true``; OpenAI's
-servers send server-sent events (``data: {...}`` lines) until ``data: [DONE]``.
+The backends are ``ollama.py`` (``/api/chat``, ``/api/generate``) and ``openai.py``
+(``/v1/chat/completions``, ``/v1/completions``). Both speak HTTP through the standard library
+(``http.client``) and read streamed answers as they arrive: Ollama sends one JSON object per
+line (NDJSON) until ``"done": true``; OpenAI's servers send server-sent events (``data: {...}``
+lines) until ``data: [DONE]``.
 
 Failures split in two. Connection errors, time-outs, dropped streams, malformed answers and
 HTTP 5xx/429 are retried with exponential back-off (the server may come back); anything else
-(an unknown model, a refused API key) raises :class:`JudgeError` at once, saying what to do.
+(an unknown model, a refused API key) raises :class:`LLMError` at once, saying what to do.
+
+Generation options are given in Ollama's vocabulary (``temperature``, ``seed``, ``top_p``,
+``num_predict``, ``num_ctx``, ``stop``); the OpenAI client maps the ones its API has.
 """
 
 from __future__ import annotations
@@ -23,21 +27,21 @@ from instructune.errors import InstructuneError
 
 BACKENDS = ("ollama", "openai")
 DEFAULT_URLS = {"ollama": "http://127.0.0.1:11434", "openai": "http://127.0.0.1:8000"}
-MAX_REPLY_CHARS = 65536  # a judge asked for one integer has gone astray long before this
+MAX_REPLY_CHARS = 65536  # far beyond any answer these commands ask for: a runaway stream
 _MAX_BACKOFF = 30.0
 
 
-class JudgeError(InstructuneError):
-    """The judge refused a request in a way retrying cannot fix; the message says what to do."""
+class LLMError(InstructuneError):
+    """The server refused a request in a way retrying cannot fix; the message says what to do."""
 
 
-class JudgeUnavailableError(JudgeError):
-    """Nothing answered at the judge's address, or it kept failing after every retry."""
+class LLMUnavailableError(LLMError):
+    """Nothing answered at the server's address, or it kept failing after every retry."""
 
 
 class RetryableError(Exception):
     """A failure worth another try (connection, time-out, 5xx, a broken stream); the clients
-    raise it inside one attempt and :meth:`JudgeClient._with_retries` catches it."""
+    raise it inside one attempt and :meth:`LLMClient._with_retries` catches it."""
 
     def __init__(self, message: str, *, refused: bool = False, timed_out: bool = False):
         super().__init__(message)
@@ -46,8 +50,8 @@ class RetryableError(Exception):
 
 
 @dataclass(frozen=True)
-class JudgeSpec:
-    """Which judge to ask: ``backend`` ("ollama" | "openai"), ``model`` and base ``url``."""
+class LLMSpec:
+    """Which model to ask: ``backend`` ("ollama" | "openai"), ``model`` and base ``url``."""
 
     backend: str
     model: str
@@ -58,28 +62,29 @@ class JudgeSpec:
         return f"{self.backend}:{self.model}"
 
 
-def parse_judge(judge: str, url: str | None = None) -> JudgeSpec:
-    """``"ollama:llama3"`` or ``"openai:MODEL"`` (plus an optional URL) -> :class:`JudgeSpec`.
+def parse_llm(text: str, url: str | None = None, *, flag: str = "--llm") -> LLMSpec:
+    """``"ollama:llama3"`` or ``"openai:MODEL"`` (plus an optional URL) -> :class:`LLMSpec`.
 
     Without a URL, Ollama is looked for at http://127.0.0.1:11434 (its default) and an
-    OpenAI-compatible server at http://127.0.0.1:8000 (vLLM's default port).
+    OpenAI-compatible server at http://127.0.0.1:8000 (vLLM's default port). ``flag`` names
+    the option in error messages (``--judge`` for ``evaluate``).
     """
-    backend, sep, model = judge.partition(":")
+    backend, sep, model = text.partition(":")
     backend = backend.strip().lower()
     if not sep or backend not in BACKENDS or not model.strip():
         raise InstructuneError(
-            f"--judge {judge!r}: expected 'ollama:MODEL' or 'openai:MODEL' (e.g. ollama:llama3)"
+            f"{flag} {text!r}: expected 'ollama:MODEL' or 'openai:MODEL' (e.g. ollama:llama3)"
         )
     base = (url or DEFAULT_URLS[backend]).rstrip("/")
     parts = urllib.parse.urlsplit(base)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise InstructuneError(f"--url {base!r}: expected http://HOST:PORT or https://HOST")
-    return JudgeSpec(backend=backend, model=model.strip(), url=base)
+    return LLMSpec(backend=backend, model=model.strip(), url=base)
 
 
 @dataclass
 class ServerInfo:
-    """What the judge's server says about itself, recorded in every result file."""
+    """What the server says about itself, recorded in result files and cache keys."""
 
     digest: str | None = None  # Ollama's model digest (sha256), when it reports one
     reported_model: str | None = None  # the model name the server puts in its answers
@@ -94,62 +99,95 @@ class ServerInfo:
         }
 
 
-class JudgeClient:
+@dataclass
+class RequestStats:
+    """Requests sent and failed tries retried, for progress lines (updated under a lock)."""
+
+    requests: int = 0
+    retries: int = 0
+
+
+class LLMClient:
     """Shared plumbing of both backends: one connection per request, retries, time-outs.
 
     Args:
-        spec: which judge.
+        spec: which server and model.
+        options: generation options (Ollama's names); a request may add its own on top.
+        schema: a JSON schema the reply must follow (the server's structured output), or None;
+            ``schema_name`` names it where the API wants a name (OpenAI's ``json_schema``).
         timeout: seconds to wait for the server's next bytes before giving up on a request
             (a whole request is also abandoned after ten times this).
         retries: further tries after a retryable failure; back-off starts at ``backoff``
             seconds and doubles (capped at 30 s).
-        stream: read the answer as it streams (the book's way) or ask for it in one piece.
-        structured: ask for ``{"score": <int>}`` through the server's structured-output feature.
+        stream: read the answer as it streams or ask for it in one piece.
     """
 
     help_text = ""
 
     def __init__(
         self,
-        spec: JudgeSpec,
+        spec: LLMSpec,
         *,
+        options: dict | None = None,
+        schema: dict | None = None,
+        schema_name: str = "reply",
         timeout: float = 120.0,
         retries: int = 4,
         backoff: float = 1.0,
         stream: bool = True,
-        structured: bool = False,
     ):
         self.spec = spec
+        self.gen_options = dict(options or {})
+        self.schema = schema
+        self.schema_name = schema_name
         self.timeout = float(timeout)
         self.retries = int(retries)
         self.backoff = float(backoff)
         self.stream = stream
-        self.structured = structured
         self.info = ServerInfo()
+        self.stats = RequestStats()
         self._lock = threading.Lock()
 
     # -- the public surface
 
     @property
     def options(self) -> dict:
-        """What every request sends besides the messages and ``stream``: the generation options
-        and the structured-output request (recorded, and part of the cache key)."""
+        """What every chat request sends besides the messages and ``stream`` (recorded, and
+        part of the cache key)."""
+        return self.request_options()
+
+    def request_options(self, extra: dict | None = None) -> dict:
+        """The wire options of one request: the client's options with ``extra`` on top."""
         raise NotImplementedError
 
     def probe(self) -> ServerInfo:
         """Check that the server answers (and, for Ollama, knows the model); fills ``info``."""
         raise NotImplementedError
 
-    def chat(self, prompt: str) -> str:
-        """Send one user message; return the judge's whole reply text (retrying as needed)."""
-        return self._with_retries("chat request", lambda: self._chat_once(prompt))
+    def chat(self, prompt: str | list[dict], options: dict | None = None) -> str:
+        """Send one user message (or a whole message list); return the whole reply text."""
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        return self._with_retries("chat request", lambda: self._chat_once(messages, options))
+
+    def complete(self, prompt: str, options: dict | None = None) -> str:
+        """Raw completion: ``prompt`` goes to the model as it is, no chat template applied."""
+        return self._with_retries(
+            "completion request", lambda: self._complete_once(prompt, options)
+        )
+
+    def chat_template(self) -> str | None:
+        """The served model's chat template as the server reports it, or None if it cannot."""
+        return None
 
     def describe(self) -> str:
         return f"{self.spec.label} at {self.spec.url}"
 
     # -- plumbing
 
-    def _chat_once(self, prompt: str) -> str:
+    def _chat_once(self, messages: list[dict], options: dict | None) -> str:
+        raise NotImplementedError
+
+    def _complete_once(self, prompt: str, options: dict | None) -> str:
         raise NotImplementedError
 
     def _help(self) -> str:
@@ -159,6 +197,10 @@ class JudgeClient:
         delay = self.backoff
         last: RetryableError | None = None
         for attempt in range(self.retries + 1):
+            with self._lock:
+                self.stats.requests += 1
+                if attempt:
+                    self.stats.retries += 1
             try:
                 return attempt_fn()
             except RetryableError as exc:
@@ -170,15 +212,15 @@ class JudgeClient:
                 delay = min(delay * 2, _MAX_BACKOFF)
         assert last is not None
         if last.refused:
-            raise JudgeUnavailableError(
+            raise LLMUnavailableError(
                 f"nothing is listening at {self.spec.url} ({self.spec.label}). {self._help()}"
             )
         hint = (
-            f" Raise --timeout (now {self.timeout:g} s) if the judge is just slow."
+            f" Raise --timeout (now {self.timeout:g} s) if the server is just slow."
             if last.timed_out
             else ""
         )
-        raise JudgeUnavailableError(
+        raise LLMUnavailableError(
             f"{self.describe()}: the {what} failed after {self.retries + 1} tries; last error: "
             f"{last}.{hint}"
         )
@@ -230,8 +272,8 @@ class JudgeClient:
             raise RetryableError(f"HTTP {resp.status} {resp.reason}: {text}".rstrip(": "))
         raise self._client_error(resp.status, text, what)
 
-    def _client_error(self, status: int, text: str, what: str) -> JudgeError:
-        return JudgeError(f"{self.describe()} refused the {what}: HTTP {status}: {text}")
+    def _client_error(self, status: int, text: str, what: str) -> LLMError:
+        return LLMError(f"{self.describe()} refused the {what}: HTTP {status}: {text}")
 
     def _request_json(self, method: str, path: str, payload: dict | None, what: str) -> dict:
         conn, resp = self._open(method, path, payload)
@@ -298,13 +340,13 @@ def append_piece(pieces: list[str], total: list[int], piece: str) -> None:
         raise RetryableError(f"the reply grew past {MAX_REPLY_CHARS} characters")
 
 
-def make_client(spec: JudgeSpec, **kwargs) -> JudgeClient:
-    """The client for ``spec.backend`` (keyword arguments as for :class:`JudgeClient`)."""
-    # Imported here: the backends subclass JudgeClient, so they import this module.
+def make_client(spec: LLMSpec, **kwargs) -> LLMClient:
+    """The client for ``spec.backend`` (keyword arguments as for :class:`LLMClient`)."""
+    # Imported here: the backends subclass LLMClient, so they import this module.
     if spec.backend == "ollama":
-        from instructune.evaluation.ollama import OllamaClient
+        from instructune.llm.ollama import OllamaClient
 
         return OllamaClient(spec, **kwargs)
-    from instructune.evaluation.openai_compat import OpenAIClient
+    from instructune.llm.openai import OpenAIClient
 
     return OpenAIClient(spec, **kwargs)

@@ -1,9 +1,11 @@
-"""Any OpenAI-compatible ``POST /v1/chat/completions`` (llama.cpp's server, vLLM, OpenAI).
+"""Any OpenAI-compatible server (llama.cpp's server, vLLM, ``instructune serve``, OpenAI):
+``POST /v1/chat/completions``, ``POST /v1/completions`` (raw completion), ``GET /v1/models``.
 
-Streamed answers are server-sent events: ``data: {json}`` lines whose ``choices[0].delta``
-carries a piece of the content, ending with ``data: [DONE]``. The API key, when one is needed,
-comes from ``OPENAI_API_KEY`` only, and is sent only over https or to a loopback address:
-plain http to another host would put it on the network in clear text.
+Streamed answers are server-sent events: ``data: {json}`` lines whose ``choices[0]`` carries a
+piece of the answer (``delta.content`` for chat, ``text`` for completions), ending with
+``data: [DONE]``. The API key, when one is needed, comes from ``OPENAI_API_KEY`` only, and is
+sent only over https or to a loopback address: plain http to another host would put it on the
+network in clear text.
 """
 
 from __future__ import annotations
@@ -14,16 +16,15 @@ import json
 import os
 import urllib.parse
 
-from instructune.evaluation.clients import (
-    JudgeClient,
-    JudgeError,
-    JudgeSpec,
+from instructune.llm.client import (
+    LLMClient,
+    LLMError,
+    LLMSpec,
     RetryableError,
     ServerInfo,
     append_piece,
     loads_json,
 )
-from instructune.evaluation.prompt import BOOK_OPTIONS, SCORE_SCHEMA
 
 OPENAI_HELP = (
     "Start an OpenAI-compatible server there (for example `llama-server -m MODEL.gguf "
@@ -31,8 +32,16 @@ OPENAI_HELP = (
     "needed, is read from OPENAI_API_KEY."
 )
 
-
 API_KEY_ENV = "OPENAI_API_KEY"
+
+# Ollama's option names -> OpenAI's request fields (the options OpenAI's API has).
+_OPTION_NAMES = {
+    "temperature": "temperature",
+    "seed": "seed",
+    "top_p": "top_p",
+    "num_predict": "max_tokens",
+    "stop": "stop",
+}
 
 
 def is_loopback(host: str) -> bool:
@@ -56,7 +65,7 @@ def check_key_destination(url: str) -> None:
     """Refuse to send ``OPENAI_API_KEY`` to ``url`` unless it is https or a loopback address.
 
     Raises:
-        JudgeError: the key is set and ``url`` is plain http to another host (checked before
+        LLMError: the key is set and ``url`` is plain http to another host (checked before
             any connection is made).
     """
     if not os.environ.get(API_KEY_ENV):
@@ -64,7 +73,7 @@ def check_key_destination(url: str) -> None:
     parts = urllib.parse.urlsplit(url)
     if parts.scheme == "https" or is_loopback(parts.hostname or ""):
         return
-    raise JudgeError(
+    raise LLMError(
         f"{API_KEY_ENV} is set and --url {url} is plain http to {parts.hostname}, so the key "
         "would cross the network unencrypted; nothing was sent. Use an https:// URL, a "
         f"loopback address (127.0.0.1, localhost), or unset {API_KEY_ENV} for a server that "
@@ -72,31 +81,28 @@ def check_key_destination(url: str) -> None:
     )
 
 
-class OpenAIClient(JudgeClient):
-    """Any OpenAI-compatible ``POST /v1/chat/completions`` (llama.cpp, vLLM, OpenAI itself).
+class OpenAIClient(LLMClient):
+    """Any OpenAI-compatible server (chat completions and raw completions).
 
     ``url`` is the server's root (``/v1`` is appended) or may already end in ``/v1``.
     """
 
     help_text = OPENAI_HELP
 
-    def __init__(self, spec: JudgeSpec, **kwargs):
+    def __init__(self, spec: LLMSpec, **kwargs):
         if spec.url.endswith("/v1"):
-            spec = JudgeSpec(spec.backend, spec.model, spec.url[: -len("/v1")])
+            spec = LLMSpec(spec.backend, spec.model, spec.url[: -len("/v1")])
         check_key_destination(spec.url)
         super().__init__(spec, **kwargs)
 
-    @property
-    def options(self) -> dict:
-        opts: dict = {
-            "temperature": BOOK_OPTIONS["temperature"],
-            "seed": BOOK_OPTIONS["seed"],
-        }
-        if self.structured:
-            schema = dict(SCORE_SCHEMA, additionalProperties=False)
+    def request_options(self, extra: dict | None = None) -> dict:
+        merged = {**self.gen_options, **(extra or {})}
+        opts = {_OPTION_NAMES[k]: v for k, v in merged.items() if k in _OPTION_NAMES}
+        if self.schema is not None:
+            schema = dict(self.schema, additionalProperties=False)
             opts["response_format"] = {
                 "type": "json_schema",
-                "json_schema": {"name": "judge_score", "strict": True, "schema": schema},
+                "json_schema": {"name": self.schema_name, "strict": True, "schema": schema},
             }
         return opts
 
@@ -126,7 +132,7 @@ class OpenAIClient(JudgeClient):
         if status in (401, 403):
             raise self._client_error(status, "", "model listing")
         # Not every server lists models (or lists the one it serves under another name), so
-        # the listing is informative only: the chat requests decide.
+        # the listing is informative only: the requests decide.
         try:
             obj = json.loads(body.decode("utf-8")) if body else {}
         except (UnicodeDecodeError, json.JSONDecodeError):
@@ -136,35 +142,41 @@ class OpenAIClient(JudgeClient):
             self.info.listed_models = [str(m.get("id")) for m in data if isinstance(m, dict)]
         return self.info
 
-    def _client_error(self, status: int, text: str, what: str) -> JudgeError:
+    def _client_error(self, status: int, text: str, what: str) -> LLMError:
         if status in (401, 403):
-            return JudgeError(
+            return LLMError(
                 f"{self.describe()} refused the API key (HTTP {status}: {text}): "
                 "set OPENAI_API_KEY to a valid key"
             )
         return super()._client_error(status, text, what)
 
-    def _chat_once(self, prompt: str) -> str:
-        payload = {"model": self.spec.model, "messages": [{"role": "user", "content": prompt}]}
-        payload.update(self.options)
+    def _chat_once(self, messages: list[dict], options: dict | None) -> str:
+        payload = {"model": self.spec.model, "messages": messages}
+        return self._post("/v1/chat/completions", payload, options, "chat", _chat_piece)
+
+    def _complete_once(self, prompt: str, options: dict | None) -> str:
+        payload = {"model": self.spec.model, "prompt": prompt}
+        return self._post("/v1/completions", payload, options, "completion", _text_piece)
+
+    def _post(self, path: str, payload: dict, options: dict | None, what: str, piece_of) -> str:
+        payload.update(self.request_options(options))
         payload["stream"] = self.stream
-        conn, resp = self._open("POST", "/v1/chat/completions", payload)
+        conn, resp = self._open("POST", path, payload)
         try:
-            self._check_status(resp, "chat request")
+            self._check_status(resp, f"{what} request")
             if not self.stream:
-                obj = loads_json(self._read_all(resp), "chat")
-                self._raise_error(obj)
+                obj = loads_json(self._read_all(resp), what)
+                _raise_error(obj)
                 self._remember(obj.get("model"), obj.get("system_fingerprint"))
                 try:
-                    content = obj["choices"][0]["message"].get("content")
+                    return piece_of(obj["choices"][0], whole=True)
                 except (KeyError, IndexError, TypeError, AttributeError) as exc:
-                    raise RetryableError(f"unexpected chat answer: {str(obj)[:120]!r}") from exc
-                return content if isinstance(content, str) else ""
-            return self._read_events(resp)
+                    raise RetryableError(f"unexpected {what} answer: {str(obj)[:120]!r}") from exc
+            return self._read_events(resp, what, piece_of)
         finally:
             conn.close()
 
-    def _read_events(self, resp) -> str:
+    def _read_events(self, resp, what: str, piece_of) -> str:
         pieces: list[str] = []
         total = [0]
         finished = False
@@ -176,23 +188,33 @@ class OpenAIClient(JudgeClient):
             data = line[len("data:") :].strip()
             if data == "[DONE]":
                 return "".join(pieces)
-            obj = loads_json(data, "chat stream")
-            self._raise_error(obj)
+            obj = loads_json(data, f"{what} stream")
+            _raise_error(obj)
             self._remember(obj.get("model"), obj.get("system_fingerprint"))
             for choice in obj.get("choices") or []:
-                delta = choice.get("delta") or {}
-                piece = delta.get("content")
-                if isinstance(piece, str):
-                    append_piece(pieces, total, piece)
+                if not isinstance(choice, dict):
+                    continue
+                append_piece(pieces, total, piece_of(choice, whole=False))
                 if choice.get("finish_reason"):
                     finished = True
         if finished:
             return "".join(pieces)  # some servers close without [DONE] after finish_reason
         raise RetryableError("the event stream ended before [DONE]")
 
-    @staticmethod
-    def _raise_error(obj) -> None:
-        if not isinstance(obj, dict):
-            raise RetryableError(f"unexpected chat answer: {str(obj)[:120]!r}")
-        if obj.get("error"):
-            raise RetryableError(f"the server reported an error: {obj['error']}")
+
+def _raise_error(obj) -> None:
+    if not isinstance(obj, dict):
+        raise RetryableError(f"unexpected answer: {str(obj)[:120]!r}")
+    if obj.get("error"):
+        raise RetryableError(f"the server reported an error: {obj['error']}")
+
+
+def _chat_piece(choice: dict, *, whole: bool) -> str:
+    part = choice["message"] if whole else (choice.get("delta") or {})
+    content = part.get("content") if isinstance(part, dict) else None
+    return content if isinstance(content, str) else ""
+
+
+def _text_piece(choice: dict, *, whole: bool) -> str:
+    text = choice.get("text")
+    return text if isinstance(text, str) else ""
