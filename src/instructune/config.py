@@ -148,6 +148,22 @@ class FinetuneConfig(BaseModel):
         "no --grad-accum)",
     )
     compile: bool = Field(False, description="torch.compile the model")
+    lora_rank: int | None = Field(
+        None,
+        ge=1,
+        description="train rank-R LoRA adapters on the frozen model (the book's appendix E: "
+        "16); none: full fine-tuning",
+    )
+    lora_alpha: Real | None = Field(
+        None, gt=0, description="LoRA: the update is scaled by alpha/rank; none: alpha = rank"
+    )
+    lora_dropout: Real = Field(
+        0.0, ge=0, lt=1, description="LoRA: dropout on the adapters' input (not on the head)"
+    )
+    lora_targets: str = Field(
+        "all",
+        description="LoRA: the layers adapted, a comma-separated subset of attn,mlp,head, or all",
+    )
     seed: int = Field(123, description="random seed (the book: 123)")
 
     # Machine.
@@ -188,6 +204,15 @@ class FinetuneConfig(BaseModel):
         None, description="ollama:MODEL or openai:MODEL to score the answers; none: no judge"
     )
     judge_url: str | None = Field(None, description="the judge server's URL")
+
+    @field_validator("lora_targets")
+    @classmethod
+    def _known_targets(cls, value: str) -> str:
+        # The names of instructune.models.lora.TARGETS, checked here without importing torch.
+        parts = {p.strip() for p in value.split(",") if p.strip()}
+        if parts == {"all"} or (parts and parts <= {"attn", "mlp", "head"}):
+            return value
+        raise ValueError("LoRA targets are a comma-separated subset of attn,mlp,head, or all")
 
     @field_validator("device")
     @classmethod

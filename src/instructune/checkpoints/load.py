@@ -84,6 +84,10 @@ def load_model(
     """
     device = torch.device(device)
     r = resolve(spec, init=init)
+    if r.kind == "adapter":
+        from instructune.checkpoints.adapter import load_adapter
+
+        return load_adapter(r.path, device=device, dtype=dtype, log=log)
     if r.kind == "random":
         cfg = r.config
         model = build_model(cfg, device=device, dtype=dtype)

