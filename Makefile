@@ -8,7 +8,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.instructune-installed
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast demo bench bench-serving bench-llamacpp lint clean
+.PHONY: install test test-fast test-interop demo bench bench-answering bench-serving bench-llamacpp lint clean
 
 install: $(STAMP)
 
@@ -27,6 +27,18 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not embedded and not slow" $(PYTEST_ARGS)
 
+# The exports checked by the real engines: llama.cpp (llama-cpp-python, compiled from source,
+# several minutes the first time) and Go's text/template, Ollama's template engine (Debian's
+# golang-go, installed with apt-get when it is missing and apt works). Figures print with -s.
+test-interop: $(STAMP)
+	$(PY) -c "import llama_cpp" 2>/dev/null || \
+		$(PIP) install -q -c constraints.txt 'llama-cpp-python==0.3.36'
+	command -v go >/dev/null || \
+		{ SUDO=$$(test "$$(id -u)" = 0 || echo sudo); \
+		  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q golang-go; } || \
+		echo "golang-go could not be installed: the Go template tests will skip"
+	$(PY) -m pytest -s -m interop tests/test_export_interop.py $(PYTEST_ARGS)
+
 demo: $(STAMP)
 	$(PY) -m instructune.demo
 
@@ -34,9 +46,13 @@ bench: $(STAMP)
 	$(PY) benchmarks/generation.py --quick
 	$(PY) benchmarks/training.py --quick
 
-# instructune serve under 1, 4 and 16 concurrent streaming clients (a few minutes).
+# answer_records' continuous refill against static batches and transformers (~15 minutes).
+bench-answering: $(STAMP)
+	$(PY) benchmarks/answering.py --hf-prompts 32
+
+# instructune serve under 1, 4 and 16 concurrent streaming clients, 110 prompts (~12 minutes).
 bench-serving: $(STAMP)
-	$(PY) benchmarks/serving.py --quick
+	$(PY) benchmarks/serving.py --skip-llamacpp
 
 # The same, against llama.cpp's Python server on the same GGUF file. llama-cpp-python is not a
 # project dependency: it compiles llama.cpp from source (several minutes), so only this target
@@ -44,7 +60,7 @@ bench-serving: $(STAMP)
 bench-llamacpp: $(STAMP)
 	$(PY) -c "import llama_cpp.server" 2>/dev/null || \
 		$(PIP) install -q -c constraints.txt 'llama-cpp-python[server]==0.3.36'
-	$(PY) benchmarks/serving.py --quick
+	$(PY) benchmarks/serving.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

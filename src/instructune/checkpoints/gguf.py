@@ -1,9 +1,12 @@
-"""Read llama-architecture GGUF files (llama.cpp's format): config, weights and tokenizer.
+"""Read GGUF files (llama.cpp's format) of the llama and gpt2 architectures.
 
-Every tensor type the ``gguf`` package can dequantise is accepted. llama.cpp's converter
-permutes the rows of the Q and K projections within each head (its RoPE pairs neighbouring
-values; HF's pairs the two halves of a head); ``unpermute_rows`` undoes that, so the weights
-come out exactly as HF stores them and the HF key map takes over.
+Config, weights and tokenizer. Every tensor type the ``gguf`` package can dequantise is
+accepted. llama.cpp's converter permutes the rows of Llama's Q and K projections within each
+head (its RoPE pairs neighbouring values; HF's pairs the two halves of a head);
+``unpermute_rows`` undoes that, so the weights come out exactly as HF stores them and the HF
+key map takes over. GPT-2's GGUF tensors are the Linear (out, in) layout, the transpose of
+HF's Conv1D weights. The tensor names are the ones llama.cpp's ``convert_hf_to_gguf.py``
+writes (the ``gguf`` package's ``TENSOR_NAMES``); ``gguf_export`` writes the same.
 """
 
 from __future__ import annotations
@@ -23,35 +26,69 @@ from instructune.checkpoints.hf import check_keys, key_map
 from instructune.errors import ModelLoadError
 from instructune.models.config import ModelConfig
 
-# GGUF tensor names -> HF names (the llama layout).
+# GGUF tensor names -> HF names, per architecture (HF GPT-2 names without ``transformer.``).
 _GLOBAL = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
+    "llama": {
+        "token_embd.weight": "model.embed_tokens.weight",
+        "output_norm.weight": "model.norm.weight",
+        "output.weight": "lm_head.weight",
+    },
+    "gpt2": {
+        "token_embd.weight": "wte.weight",
+        "position_embd.weight": "wpe.weight",
+        "output_norm.weight": "ln_f.weight",
+        "output_norm.bias": "ln_f.bias",
+        "output.weight": "lm_head.weight",
+    },
 }
 _BLOCK = {
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
+    "llama": {
+        "attn_q": "self_attn.q_proj",
+        "attn_k": "self_attn.k_proj",
+        "attn_v": "self_attn.v_proj",
+        "attn_output": "self_attn.o_proj",
+        "ffn_gate": "mlp.gate_proj",
+        "ffn_up": "mlp.up_proj",
+        "ffn_down": "mlp.down_proj",
+        "attn_norm": "input_layernorm",
+        "ffn_norm": "post_attention_layernorm",
+    },
+    "gpt2": {
+        "attn_norm": "ln_1",
+        "attn_qkv": "attn.c_attn",
+        "attn_output": "attn.c_proj",
+        "ffn_norm": "ln_2",
+        "ffn_up": "mlp.c_fc",
+        "ffn_down": "mlp.c_proj",
+    },
 }
+_BLOCK_PREFIX = {"llama": "model.layers.", "gpt2": "h."}
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
-_GGUF_OF = {hf: g for g, hf in _GLOBAL.items()}
+ARCHITECTURES = tuple(_GLOBAL)
 
 
-def gguf_to_hf_name(name: str) -> str | None:
+def gguf_to_hf_name(name: str, arch: str = "llama") -> str | None:
     """The HF key of a GGUF tensor name, or None when it has no HF counterpart."""
-    if name in _GLOBAL:
-        return _GLOBAL[name]
+    if name in _GLOBAL[arch]:
+        return _GLOBAL[arch][name]
     m = _BLOCK_RE.match(name)
-    if m and m.group(2) in _BLOCK:
-        return f"model.layers.{m.group(1)}.{_BLOCK[m.group(2)]}.{m.group(3)}"
+    if m and m.group(2) in _BLOCK[arch]:
+        return f"{_BLOCK_PREFIX[arch]}{m.group(1)}.{_BLOCK[arch][m.group(2)]}.{m.group(3)}"
     return None
+
+
+def hf_to_gguf_name(hf_name: str, arch: str = "llama") -> str:
+    """The GGUF tensor name of an HF key (the inverse of :func:`gguf_to_hf_name`)."""
+    for gguf_name, hf in _GLOBAL[arch].items():
+        if hf == hf_name:
+            return gguf_name
+    prefix = re.escape(_BLOCK_PREFIX[arch])
+    m = re.match(prefix + r"(\d+)\.(.+)\.(weight|bias)$", hf_name)
+    if m:
+        for block, hf in _BLOCK[arch].items():
+            if hf == m.group(2):
+                return f"blk.{m.group(1)}.{block}.{m.group(3)}"
+    raise KeyError(f"no GGUF name for the {arch} tensor {hf_name!r}")
 
 
 def permute_rows(w: np.ndarray | torch.Tensor, n_heads: int):
@@ -243,29 +280,28 @@ def describe_gguf_weights(g: GGUFFile, dtype_label: str) -> str:
 
 
 def config_from_gguf(g: GGUFFile) -> ModelConfig:
-    """A ``ModelConfig`` from a llama-architecture GGUF's metadata (``llama.*`` keys)."""
+    """A ``ModelConfig`` from a GGUF's metadata (``llama.*`` or ``gpt2.*`` keys)."""
     source = str(g.path)
     arch = g.field("general.architecture")
-    if arch != "llama":
-        raise ModelLoadError(f"{source}: GGUF architecture {arch!r} is not supported (llama only)")
+    if arch not in ARCHITECTURES:
+        raise ModelLoadError(
+            f"{source}: GGUF architecture {arch!r} is not supported "
+            f"({' or '.join(ARCHITECTURES)} only)"
+        )
 
     def req(key: str) -> Any:
-        value = g.field(f"llama.{key}")
+        value = g.field(f"{arch}.{key}")
         if value is None:
-            raise ModelLoadError(f"{source}: GGUF metadata lacks llama.{key}")
+            raise ModelLoadError(f"{source}: GGUF metadata lacks {arch}.{key}")
         return value
 
+    if arch == "gpt2":
+        return _gpt2_config(g, req)
     heads = int(req("attention.head_count"))
     emb = int(req("embedding_length"))
     kv_heads = g.field("llama.attention.head_count_kv")
     head_dim = g.field("llama.attention.key_length") or g.field("llama.rope.dimension_count")
-    vocab = g.field("llama.vocab_size")
-    if vocab is None:
-        vocab = (
-            g.tensors["token_embd.weight"].dims[-1] if "token_embd.weight" in g.tensors else None
-        )
-    if vocab is None:
-        raise ModelLoadError(f"{source}: no llama.vocab_size and no token_embd.weight")
+    vocab = _vocab_size(g, arch)
     kind = g.field("llama.rope.scaling.type", "none")
     if kind not in ("none", None):
         raise ModelLoadError(f"{source}: RoPE scaling type {kind!r} is not supported")
@@ -293,6 +329,32 @@ def config_from_gguf(g: GGUFFile) -> ModelConfig:
         norm_eps=eps,
         rope_theta=theta,
         rope_scaling=scaling,
+    )
+
+
+def _vocab_size(g: GGUFFile, arch: str) -> int:
+    vocab = g.field(f"{arch}.vocab_size")
+    if vocab is None and "token_embd.weight" in g.tensors:
+        vocab = g.tensors["token_embd.weight"].dims[-1]
+    if vocab is None:
+        raise ModelLoadError(f"{g.path}: no {arch}.vocab_size and no token_embd.weight")
+    return int(vocab)
+
+
+def _gpt2_config(g: GGUFFile, req) -> ModelConfig:
+    """GPT-2's shape from ``gpt2.*`` keys; the head is tied unless ``output.weight`` is stored."""
+    eps = float(f"{float(g.field('gpt2.attention.layer_norm_epsilon', 1e-5)):.7g}")
+    return ModelConfig(
+        arch="gpt2",
+        vocab_size=_vocab_size(g, "gpt2"),
+        context_length=int(req("context_length")),
+        emb_dim=int(req("embedding_length")),
+        n_layers=int(req("block_count")),
+        n_heads=int(req("attention.head_count")),
+        hidden_dim=int(req("feed_forward_length")),
+        qkv_bias=True,
+        tie_embeddings="output.weight" not in g.tensors,
+        norm_eps=eps,
     )
 
 
@@ -338,7 +400,7 @@ def load_gguf_weights(
     available: set[str] = set()
     unknown: list[str] = []
     for name in g.tensors:
-        hf = gguf_to_hf_name(name)
+        hf = gguf_to_hf_name(name, cfg.arch)
         if hf is not None:
             available.add(hf)
         elif name != "rope_freqs.weight":
@@ -348,22 +410,39 @@ def load_gguf_weights(
             f"{source}: unexpected GGUF tensors: {', '.join(sorted(unknown)[:12])}"
         )
     check_keys(cfg, available, source)
+    # GPT-2's GGUF weights are (out, in); the key map expects HF's transposed Conv1D layout.
+    transposed = {m.hf for m in key_map(cfg) if m.transpose}
 
     def get(hf_name: str) -> torch.Tensor:
-        m = re.match(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)$", hf_name)
-        if m:
-            block = {v: k for k, v in _BLOCK.items()}[m.group(2)]
-            name = f"blk.{m.group(1)}.{block}.{m.group(3)}"
-        else:
-            name = _GGUF_OF[hf_name]
-        arr = g.array(name)
-        if ".q_proj." in hf_name:
+        arr = g.array(hf_to_gguf_name(hf_name, cfg.arch))
+        if hf_name in transposed:
+            arr = arr.T
+        elif ".q_proj." in hf_name:
             arr = unpermute_rows(arr, cfg.n_heads)
         elif ".k_proj." in hf_name:
             arr = unpermute_rows(arr, cfg.n_kv_heads)
         return torch.from_numpy(np.ascontiguousarray(arr))
 
     fill_from(model, key_map(cfg), get, device=device, dtype=dtype, source=source)
+
+
+# The key under which gguf_export stores the prompt format (instructune.json) as JSON text.
+PROMPT_FORMAT_KEY = "instructune.prompt_format"
+
+
+def prompt_format_from_gguf(g: GGUFFile):
+    """The ``PromptFormat`` an instructune export stored in the file, or None."""
+    import json
+
+    from instructune.data.prompts import PromptFormat
+
+    text = g.field(PROMPT_FORMAT_KEY)
+    if text is None:
+        return None
+    try:
+        return PromptFormat.from_dict(json.loads(text))
+    except (ValueError, TypeError) as exc:
+        raise ModelLoadError(f"{g.path}: {PROMPT_FORMAT_KEY} is not a prompt format: {exc}") from None
 
 
 def load_gguf_tokenizer(g: GGUFFile):

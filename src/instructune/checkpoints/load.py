@@ -141,6 +141,7 @@ def _load_gguf(path: Path, source: str, device: torch.device, dtype: torch.dtype
         describe_gguf_weights,
         load_gguf_tokenizer,
         load_gguf_weights,
+        prompt_format_from_gguf,
     )
 
     g = GGUFFile(path)
@@ -152,7 +153,7 @@ def _load_gguf(path: Path, source: str, device: torch.device, dtype: torch.dtype
         model=model.eval(),
         tokenizer=tokenizer,
         config=cfg,
-        prompt_format=None,
+        prompt_format=prompt_format_from_gguf(g),  # set by instructune's own exports
         source=source,
         weights=describe_gguf_weights(g, dtype_label(dtype)),
     )

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from instructune.checkpoints.hf import config_to_hf, hf_tensors
+from instructune.checkpoints.model_card import card_for_model, write_model_card
 from instructune.checkpoints.tensor_files import write_safetensors
 from instructune.models.config import ModelConfig
 from instructune.utils.io import atomic_write_json
@@ -29,6 +30,7 @@ def save_model(
     tokenizer: Any,
     config: ModelConfig,
     prompt_format: Any = None,
+    card: Any = None,
 ) -> Path:
     """Write ``model`` (with ``tokenizer`` and ``prompt_format``) into ``directory``.
 
@@ -38,6 +40,8 @@ def save_model(
         tokenizer: any ``Tokenizer``; its ``save`` writes files ``AutoTokenizer`` loads.
         config: the model's ``ModelConfig``.
         prompt_format: a ``PromptFormat`` (saved as ``instructune.json``), or None.
+        card: the ``model_card.ModelCard`` for README.md (default: one from ``config`` and
+            ``prompt_format``; a README.md not written by instructune is kept).
 
     Returns:
         The directory.
@@ -58,6 +62,7 @@ def save_model(
     atomic_write_json(directory / "generation_config.json", generation)
     if prompt_format is not None:
         atomic_write_json(directory / "instructune.json", prompt_format.to_dict())
+    write_model_card(directory, card or card_for_model(config, prompt_format))
     # config.json last: a directory with a config.json is a complete checkpoint.
     atomic_write_json(directory / "config.json", hf_config)
     return directory

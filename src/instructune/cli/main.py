@@ -17,7 +17,7 @@ import instructune
 from instructune.errors import InstructuneError
 
 # Sub-command modules, in the order --help lists them.
-COMMANDS = ["data", "finetune", "generate", "chat", "serve", "evaluate"]
+COMMANDS = ["data", "finetune", "dpo", "generate", "chat", "serve", "evaluate", "merge", "export"]
 
 
 def _version_text() -> str:

@@ -576,6 +576,11 @@ def evaluate(run: Run, summary: dict[str, Any], responses: list[dict]) -> None:
         results=summary,
     )
     atomic_write_json(run.out / RUN_FILE, run.run_info)
+    # The model card, now with the final losses and metrics (save() wrote a first one).
+    from instructune.checkpoints.model_card import card_from_run, write_model_card
+
+    loaded = run.loaded
+    write_model_card(run.out, card_from_run(run.run_info, loaded.config, loaded.prompt_format))
     summary["timings"] = timings
     run.say(f"done in {run.timings['total_s']:.0f} s: model, responses and metrics in {run.out}")
 

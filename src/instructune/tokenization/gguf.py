@@ -1,4 +1,5 @@
-"""Rebuild a model's tokenizer from GGUF metadata as an ``HFTokenizer``.
+"""A model's tokenizer and GGUF metadata, both ways: rebuilt as an ``HFTokenizer`` from a file,
+and written out (:func:`gguf_tokenizer_data`) by ``checkpoints.gguf_export``.
 
 A GGUF file carries no ``tokenizer.json``; it stores the vocabulary (``tokenizer.ggml.tokens``),
 the BPE merges, each token's type, the special ids, a pre-tokenizer name
@@ -27,7 +28,8 @@ LLAMA3_SPLIT = (
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 LLAMA3_PRE = {"llama-bpe", "llama3", "llama-v3", "smaug-bpe", "dbrx"}
-GPT2_PRE = {"gpt2", "default", None}
+# llama.cpp names GPT-2's pre-tokenizer "gpt-2" (llama-vocab.cpp); "gpt2" is accepted too.
+GPT2_PRE = {"gpt-2", "gpt2", "default", None}
 SMOLLM_PRE = {"smollm", "starcoder"}
 
 
@@ -182,3 +184,117 @@ def tokenizer_from_gguf(data: GGUFTokenizerData, *, source: str):
         chat_template=data.chat_template,
         name=source,
     )
+
+
+# --- the other direction: our tokenizers as GGUF metadata (for gguf_export) -------------------
+
+NORMAL = 1
+UNUSED = 5
+
+
+def gguf_tokenizer_data(tokenizer: Any, vocab_size: int) -> GGUFTokenizerData:
+    """The GGUF tokenizer metadata of ``tokenizer`` (a ``GPT2Tokenizer`` or a byte-level BPE
+    ``HFTokenizer``), its token list padded to the model's ``vocab_size`` rows.
+
+    Tokens are spelled as byte-level BPE spells them (``Ġthe``), as llama.cpp's converter writes
+    them; rows the tokenizer never produces become ``[PAD{i}]`` of type UNUSED (the converter's
+    convention). ``eos_id``, ``bos_id`` and ``add_bos`` are left for the caller (the prompt
+    format decides them).
+
+    Raises:
+        ModelLoadError: the tokenizer is not byte-level BPE, or has more ids than the model.
+    """
+    from instructune.tokenization.gpt2 import GPT2Tokenizer
+
+    if isinstance(tokenizer, GPT2Tokenizer):
+        by_id, types, merges, pre = _gpt2_vocab(tokenizer)
+    elif hasattr(tokenizer, "raw"):
+        by_id, types, merges, pre = _hf_vocab(tokenizer)
+    else:
+        raise ModelLoadError(f"{tokenizer.name}: no GGUF vocabulary can be written for it")
+    n = max(by_id) + 1
+    if n > vocab_size:
+        raise ModelLoadError(
+            f"{tokenizer.name}: {n} token ids, more than the model's {vocab_size} embedding rows"
+        )
+    tokens = [by_id.get(i, f"[PAD{i}]") for i in range(vocab_size)]
+    kinds = [types.get(i, UNUSED if i not in by_id else NORMAL) for i in range(vocab_size)]
+    return GGUFTokenizerData(
+        model="gpt2",
+        tokens=tokens,
+        merges=merges,
+        token_types=kinds,
+        pre=pre,
+        pad_id=tokenizer.pad_id,
+        chat_template=tokenizer.chat_template,
+    )
+
+
+def _gpt2_vocab(tokenizer: Any) -> tuple[dict[int, str], dict[int, int], list[str], str]:
+    from instructune.tokenization.gpt2 import byte_to_unicode, ranks_to_merges
+
+    table = byte_to_unicode()
+
+    def spell(token: bytes) -> str:
+        return "".join(table[b] for b in token)
+
+    ranks = tokenizer._ranks
+    by_id = {rank: spell(token) for token, rank in ranks.items()}
+    types = {}
+    for text, index in tokenizer.special_tokens.items():
+        by_id[index] = text
+        types[index] = CONTROL
+    if tokenizer._merges is None:  # recovering GPT-2's 50k merges takes a second: keep them
+        tokenizer._merges = ranks_to_merges(ranks)
+    merges = [f"{spell(a)} {spell(b)}" for a, b in tokenizer._merges]
+    return by_id, types, merges, "gpt-2"
+
+
+def _hf_vocab(tokenizer: Any) -> tuple[dict[int, str], dict[int, int], list[str], str]:
+    import json
+
+    spec = json.loads(tokenizer.raw.to_str())
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
+        raise ModelLoadError(
+            f"{tokenizer.name}: only byte-level BPE tokenizers can be written to GGUF "
+            f"(this one is {model.get('type')!r})"
+        )
+    pre = _pre_name(spec.get("pre_tokenizer"), tokenizer.name)
+    by_id = {int(i): t for t, i in model["vocab"].items()}
+    types = {}
+    for added in spec.get("added_tokens") or []:
+        by_id[int(added["id"])] = added["content"]
+        types[int(added["id"])] = CONTROL if added.get("special") else USER_DEFINED
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+    return by_id, types, merges, pre
+
+
+def _pre_name(pre: Any, source: str) -> str:
+    """llama.cpp's ``tokenizer.ggml.pre`` name for a tokenizer.json pre-tokenizer.
+
+    The inverse of :func:`build_raw_tokenizer`'s choice: GPT-2's byte-level split alone
+    (``gpt2``), single digits first (``smollm``), or Llama 3's split pattern (``llama-bpe``).
+    """
+    pre = pre or {}
+    parts = pre.get("pretokenizers") if pre.get("type") == "Sequence" else [pre]
+    kinds = [p.get("type") for p in parts or []]
+    if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
+        return "gpt-2"
+    if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits"):
+        return "smollm"
+    if kinds == ["Split", "ByteLevel"] and (parts[0].get("pattern") or {}).get(
+        "Regex"
+    ) == LLAMA3_SPLIT:
+        return "llama-bpe"
+    raise ModelLoadError(
+        f"{source}: the pre-tokenizer {json_text(pre)} has no llama.cpp name this exporter knows "
+        "(GPT-2's byte-level split, SmolLM2's or Llama 3's)"
+    )
+
+
+def json_text(value: Any) -> str:
+    import json
+
+    text = json.dumps(value)
+    return text if len(text) <= 200 else text[:200] + "..."
