@@ -135,7 +135,10 @@ def test_rows_leaving_together_and_a_long_prompt_joining_keep_every_answer(loade
     long_prompt = tok.encode(" ".join(PROMPTS))[:100]
     assert len(long_prompt) == 100
     budgets = [3, 9, 3, 40, 3, 12]  # rows 0, 2 and 4 leave together after their 3rd token
-    requests = [engine.submit(ids, max_new_tokens=b, stop_ids=[]) for ids, b in zip(short, budgets)]
+    requests = [
+        engine.submit(ids, max_new_tokens=b, stop_ids=[])
+        for ids, b in zip(short, budgets, strict=True)
+    ]
     for _ in range(4):
         assert engine.step()
     assert engine.stats()["running"] == 3
@@ -144,7 +147,7 @@ def test_rows_leaving_together_and_a_long_prompt_joining_keep_every_answer(loade
     while engine.step():
         pass
     assert engine.stats()["cache_relayouts"] > layouts
-    for ids, budget, request in zip(short, budgets, requests):
+    for ids, budget, request in zip(short, budgets, requests, strict=True):
         assert_same_as_alone(
             loaded, ids, {"max_new_tokens": budget, "stop_ids": []}, collect(request)
         )

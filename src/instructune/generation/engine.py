@@ -425,11 +425,15 @@ class Engine:
                 row = request.sampler.choose(logits[j : j + 1], [request.generator])
                 tokens[j] = int(row.item())
         if greedy:
-            index = torch.tensor(greedy, dtype=torch.long, device=logits.device)
-            top2 = torch.topk(logits[index], 2, dim=-1).values
+            if len(greedy) == len(tokens):
+                rows = logits
+            else:
+                rows = logits[torch.tensor(greedy, dtype=torch.long, device=logits.device)]
+            top2 = torch.topk(rows, 2, dim=-1).values
             with self._lock:
                 self._counts["near_ties"] += int(((top2[:, 0] - top2[:, 1]) < NEAR_TIE).sum())
-            chosen = logits[index].argmax(dim=-1).tolist()
+            # argmax (the first of equal maxima), as generate chooses, not topk's order.
+            chosen = rows.argmax(dim=-1).tolist()
             for j, token in zip(greedy, chosen, strict=True):
                 tokens[j] = int(token)
         return tokens

@@ -74,7 +74,10 @@ def decode_as_completed(
         engine.model.eval()
         tokenizer = loaded.tokenizer
         requests = {}
-        for i, prompt in enumerate(prompts):
+        # Longest prompts first: prompts that join together are prefilled as one padded batch,
+        # and neighbours in this order have similar lengths (little padding).
+        for i in sorted(range(len(prompts)), key=lambda i: -len(prompts[i])):
+            prompt = prompts[i]
             fitted = fit_context(
                 [int(t) for t in prompt],
                 index=i,
