@@ -100,6 +100,11 @@ def main() -> None:
     pairs = near_duplicate_pairs(texts, args.threshold)
     elapsed = time.perf_counter() - start
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+    # After the peak is read: the machine lines import torch and run a matmul probe.
+    from machine import machine_lines
+
+    for line in machine_lines():
+        print(line)
     print(
         f"{args.n} records ({args.key!r}, threshold {args.threshold}): {len(pairs)} pairs in "
         f"{elapsed:.1f} s, peak RSS {peak_mb:.0f} MB"

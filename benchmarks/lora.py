@@ -87,8 +87,7 @@ def main() -> None:
         print(json.dumps(one_run(args.one, Path(args.out), args)))
         return
 
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    from serving import machine_lines
+    from machine import machine_lines
 
     for line in machine_lines():
         print(line)

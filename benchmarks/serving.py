@@ -22,7 +22,7 @@ matmul peak measured in this process (``instructune.training.metrics.matmul_peak
 Usage (from the repository root):
 
     .venv/bin/python benchmarks/serving.py --quick      # 16 prompts, a few minutes
-    .venv/bin/python benchmarks/serving.py              # 48 prompts
+    .venv/bin/python benchmarks/serving.py              # the whole test split (110 prompts)
 """
 
 from __future__ import annotations
@@ -302,7 +302,9 @@ def report(name: str, results: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="16 prompts instead of 48")
+    parser.add_argument(
+        "--quick", action="store_true", help="16 prompts instead of the whole test split (110)"
+    )
     parser.add_argument("--prompts", type=int, help="number of test prompts (overrides --quick)")
     parser.add_argument("--max-tokens", type=int, default=128, help="new tokens at most (128)")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the book's data file")
@@ -312,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-llamacpp", action="store_true", help="only instructune serve")
     args = parser.parse_args(argv)
     levels = sorted({int(c) for c in args.clients.split(",")})
-    count = args.prompts or (16 if args.quick else 48)
+    count = args.prompts or (16 if args.quick else 110)
     prompts = test_prompts(args.data, count)
     count = len(prompts)
 
