@@ -131,9 +131,7 @@ def test_top_level_help_does_not_import_pydantic_or_yaml():
 # ---------------------------------------------------------------------------- --resume
 
 
-def fake_run(
-    run_dir: Path, *, step: int, epoch: int, batches_done: int = 0, **settings
-) -> Path:
+def fake_run(run_dir: Path, *, step: int, epoch: int, batches_done: int = 0, **settings) -> Path:
     """A run directory as a run leaves it: run.json and its newest checkpoint's state.json."""
     cfg = preset("default").to_dict() | {"epochs": 2, **settings}
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -57,9 +57,7 @@ def test_declared_torch_floor_covers_every_feature_used():
     floor = declared_torch_floor()
     used = features_used()
     assert used, "the scan found no torch feature at all: is SRC right?"
-    too_new = {
-        what: (f"{v[0]}.{v[1]}", places) for what, (v, places) in used.items() if v > floor
-    }
+    too_new = {what: (f"{v[0]}.{v[1]}", places) for what, (v, places) in used.items() if v > floor}
     assert not too_new, f"pyproject.toml says torch>={floor[0]}.{floor[1]}, but src/ uses {too_new}"
 
 

@@ -64,9 +64,7 @@ def test_check_same_batches_names_what_changed():
     assert "records then" not in str(exc.value)
 
 
-def test_resume_with_another_process_count_is_refused_before_anything_changes(
-    short_run, tmp_path
-):
+def test_resume_with_another_process_count_is_refused_before_anything_changes(short_run, tmp_path):
     out = copy_run(short_run, tmp_path)
     run = json.loads((out / "run.json").read_text())
     run["world_size"] = 2  # as if trained under torchrun --nproc_per_node=2

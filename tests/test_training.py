@@ -669,9 +669,7 @@ def test_training_imports_and_measures_without_the_resource_module():
         "import instructune.training.loop, instructune.training.metrics as m\n"
         "print(m.peak_rss_bytes())\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
-    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "None"
     from instructune.training.metrics import peak_rss_bytes

@@ -203,9 +203,7 @@ def _resume_worker(rank: int, port: int, out_dir: str, mode: str) -> None:
         assert mode == "interrupt"
     else:
         assert mode != "interrupt"
-    torch.save(
-        {"weights": model.state_dict(), "mask": masks[0]}, out / f"{mode}-rank{rank}.pt"
-    )
+    torch.save({"weights": model.state_dict(), "mask": masks[0]}, out / f"{mode}-rank{rank}.pt")
     tdist.destroy_process_group()
 
 

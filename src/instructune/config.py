@@ -144,8 +144,7 @@ class FinetuneConfig(BaseModel):
     )
     optimizer_in_backward: bool = Field(
         False,
-        description="update each weight as its gradient is ready (less memory; "
-        "no --grad-accum)",
+        description="update each weight as its gradient is ready (less memory; no --grad-accum)",
     )
     compile: bool = Field(False, description="torch.compile the model")
     lora_rank: int | None = Field(

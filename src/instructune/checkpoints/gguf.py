@@ -442,7 +442,9 @@ def prompt_format_from_gguf(g: GGUFFile):
     try:
         return PromptFormat.from_dict(json.loads(text))
     except (ValueError, TypeError) as exc:
-        raise ModelLoadError(f"{g.path}: {PROMPT_FORMAT_KEY} is not a prompt format: {exc}") from None
+        raise ModelLoadError(
+            f"{g.path}: {PROMPT_FORMAT_KEY} is not a prompt format: {exc}"
+        ) from None
 
 
 def load_gguf_tokenizer(g: GGUFFile):

@@ -244,8 +244,7 @@ def _resume_config(args: argparse.Namespace, flags: dict[str, Any]):
         allowed = ", ".join("--" + f.replace("_", "-") for f in sorted(RESUME_FLAGS))
         got = ", ".join("--" + f.replace("_", "-") for f in fixed) or "--preset/--config"
         raise ConfigError(
-            f"--resume continues a run with its own settings; only {allowed} may change "
-            f"(got {got})"
+            f"--resume continues a run with its own settings; only {allowed} may change (got {got})"
         )
     cfg = load_run_config(args.resume)
     changes = {k: v for k, v in flags.items() if k != "out"}

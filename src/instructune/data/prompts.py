@@ -305,7 +305,6 @@ def prompt_now() -> datetime.datetime:
     return datetime.datetime.combine(date, datetime.time())
 
 
-
 @lru_cache(maxsize=8)
 def _compile_template(template: str):
     import jinja2

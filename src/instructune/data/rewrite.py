@@ -289,6 +289,7 @@ def rewrite_records(
     if not into or not into.strip():
         raise InstructuneError("--into needs a field name")
     check_template(template, records, source)
+
     def plan(i: int, rec: dict) -> Step:
         return Step(render_template(template, rec, f"{source}: record {i}"))
 

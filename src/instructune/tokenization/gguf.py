@@ -283,9 +283,10 @@ def _pre_name(pre: Any, source: str) -> str:
         return "gpt-2"
     if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits"):
         return "smollm"
-    if kinds == ["Split", "ByteLevel"] and (parts[0].get("pattern") or {}).get(
-        "Regex"
-    ) == LLAMA3_SPLIT:
+    if (
+        kinds == ["Split", "ByteLevel"]
+        and (parts[0].get("pattern") or {}).get("Regex") == LLAMA3_SPLIT
+    ):
         return "llama-bpe"
     raise ModelLoadError(
         f"{source}: the pre-tokenizer {json_text(pre)} has no llama.cpp name this exporter knows "
