@@ -215,6 +215,10 @@ def test_merge_cli_writes_a_plain_model_with_the_adapted_logits(lora_run, tmp_pa
     hf = load_file(str(tmp_path / "merged" / "model.safetensors"))
     assert torch.equal(hf["transformer.wte.weight"], base.model.tok_emb.weight)
     assert not torch.equal(hf["lm_head.weight"], hf["transformer.wte.weight"])
+    # Its card says it is merged, from the adapter's base.
+    card = (tmp_path / "merged" / "README.md").read_text(encoding="utf-8")
+    assert "merged with instructune" in card
+    assert f'base_model: "{(lora_run / "base").resolve()}"' in card
     # Merging into a model directory again is refused without --overwrite.
     assert main(["merge", str(lora_run), "--out", str(tmp_path / "merged")]) == 1
 

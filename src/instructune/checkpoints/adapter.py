@@ -349,6 +349,7 @@ def merge_adapter(
     """
     import torch
 
+    from instructune.checkpoints.model_card import card_for_model
     from instructune.checkpoints.native import save_model
     from instructune.models.lora import merge_lora
 
@@ -356,4 +357,7 @@ def merge_adapter(
         raise ModelLoadError(f"{directory} is not a LoRA adapter directory (no {ADAPTER_CONFIG})")
     loaded = load_adapter(directory, device="cpu", dtype=torch.float32, log=log)
     model = merge_lora(loaded.model)
-    return save_model(out, model, loaded.tokenizer, model.cfg, loaded.prompt_format)
+    # The card names the adapter's base, the model the merged weights started from.
+    base = read_adapter_config(directory)[1]
+    card = card_for_model(model.cfg, loaded.prompt_format, kind="merged", base_model=base)
+    return save_model(out, model, loaded.tokenizer, model.cfg, loaded.prompt_format, card=card)
