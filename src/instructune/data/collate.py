@@ -85,6 +85,27 @@ def collate(
     return input_tensor, target_tensor
 
 
+def collate_pairs(
+    pairs: Sequence[tuple[TokenizedRecord, TokenizedRecord]],
+    *,
+    pad_id: int,
+    ignore_index: int = -100,
+    max_length: int | None = None,
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """Preference pairs as ``((chosen inputs, targets), (rejected inputs, targets))``.
+
+    Both sides are padded to the longest sequence of either (as the book's DPO collate does),
+    so one forward pass can run them stacked, and the prompt and padding are ``ignore_index``
+    in the targets: only response tokens count in the log-probabilities.
+    """
+    items = [chosen for chosen, _ in pairs] + [rejected for _, rejected in pairs]
+    inputs, targets = collate(
+        items, pad_id=pad_id, ignore_index=ignore_index, max_length=max_length, mask_prompt=True
+    )
+    n = len(pairs)
+    return (inputs[:n], targets[:n]), (inputs[n:], targets[n:])
+
+
 def make_collate(**kwargs: Any) -> partial:
     """``collate`` with its keyword arguments fixed, for ``DataLoader(collate_fn=...)``."""
     return partial(collate, **kwargs)

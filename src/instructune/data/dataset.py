@@ -53,6 +53,24 @@ def tokenize_record(
     return TokenizedRecord(ids=ids, prompt_len=len(prompt_ids))
 
 
+def tokenize_pair(
+    record: Mapping[str, Any],
+    tokenizer: Tokenizer,
+    style: str = "alpaca",
+    *,
+    chat_template: str | None = None,
+) -> tuple[TokenizedRecord, TokenizedRecord]:
+    """A preference record (``chosen``, ``rejected``) as two sequences with the same prompt:
+    each is ``tokenize_record`` of the record with that response as its ``output``."""
+    chosen = tokenize_record(
+        {**record, "output": record["chosen"]}, tokenizer, style, chat_template=chat_template
+    )
+    rejected = tokenize_record(
+        {**record, "output": record["rejected"]}, tokenizer, style, chat_template=chat_template
+    )
+    return chosen, rejected
+
+
 def tokenize_records(
     records: Iterable[Mapping[str, Any]],
     tokenizer: Tokenizer,

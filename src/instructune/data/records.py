@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import random
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -176,6 +176,31 @@ def check_record(obj: Any) -> tuple[Record | None, list[tuple[str, str]]]:
     return record, []
 
 
+def check_preference_record(obj: Any) -> tuple[Record | None, list[tuple[str, str]]]:
+    """Validate one preference record (DPO): ``instruction`` (non-empty), optional ``input``,
+    and non-empty ``chosen`` and ``rejected`` responses; ``output`` and other keys are kept.
+    Returns ``(record, [])`` or ``(None, [(field, problem), ...])``."""
+    if not isinstance(obj, dict):
+        return None, [("-", f"must be an object, not {_json_type(obj)}")]
+    problems = []
+    for key in ("instruction", "chosen", "rejected"):
+        value = obj.get(key)
+        if key not in obj:
+            problems.append((key, "is missing"))
+        elif not isinstance(value, str):
+            problems.append((key, f"must be a string, not {_json_type(value)}"))
+        elif not value.strip():
+            problems.append((key, "is empty"))
+    for key in ("input", "output"):
+        if key in obj and not isinstance(obj[key], str):
+            problems.append((key, f"must be a string, not {_json_type(obj[key])}"))
+    if problems:
+        return None, problems
+    record = dict(obj)
+    record.setdefault("input", "")
+    return record, []
+
+
 def _json_type(value: Any) -> str:
     names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean"}
     if value is None:
@@ -259,14 +284,19 @@ def _parse_jsonl(text: str) -> list[tuple[str, Any]]:
 
 
 def _check_all(
-    items: list[tuple[str, Any]], name: str, skip_invalid: bool, warnings: list[Issue]
+    items: list[tuple[str, Any]],
+    name: str,
+    skip_invalid: bool,
+    warnings: list[Issue],
+    check: Callable[[Any], tuple[Record | None, list[tuple[str, str]]]] = check_record,
+    answers: tuple[str, ...] = ("output",),
 ) -> LoadResult:
     records, locations, errors = [], [], []
     for where, obj in items:
         if isinstance(obj, _BadLine):
             errors.append(Issue("error", "invalid", name, where, "-", obj.message))
             continue
-        record, problems = check_record(obj)
+        record, problems = check(obj)
         if record is None:
             errors.extend(Issue("error", "invalid", name, where, f, p) for f, p in problems)
         else:
@@ -282,46 +312,50 @@ def _check_all(
         )
     if not records:
         raise DataError(f"{name}: no valid records")
-    warnings.extend(find_duplicates(records, locations, name))
+    warnings.extend(find_duplicates(records, locations, name, answers=answers))
     return LoadResult(records, source=name, warnings=warnings, skipped=errors, locations=locations)
 
 
 def find_duplicates(
-    records: Sequence[Mapping[str, Any]], locations: Sequence[str], name: str
+    records: Sequence[Mapping[str, Any]],
+    locations: Sequence[str],
+    name: str,
+    *,
+    answers: tuple[str, ...] = ("output",),
 ) -> list[Issue]:
-    """Warnings for exact duplicates and for same instruction + input with a different output."""
-    first_exact: dict[tuple[str, str, str], str] = {}
-    first_prompt: dict[tuple[str, str], tuple[str, str]] = {}
+    """Warnings for exact duplicates and for same instruction + input with different answers
+    (``answers``: the fields a record answers with; ``chosen`` and ``rejected`` for preference
+    records)."""
+    first_exact: dict[tuple[str, ...], str] = {}
+    first_prompt: dict[tuple[str, str], tuple[str, tuple[str, ...]]] = {}
     issues = []
+    fields = ", ".join(("instruction", "input", *answers))
     for record, where in zip(records, locations, strict=True):
         prompt = (record["instruction"], record.get("input", ""))
-        exact = (*prompt, record["output"])
+        answer = tuple(record[key] for key in answers)
+        exact = (*prompt, *answer)
         if exact in first_exact:
             issues.append(
                 Issue(
-                    "warning",
-                    "duplicate",
-                    name,
-                    where,
-                    "instruction, input, output",
-                    f"duplicates {first_exact[exact]}",
+                    "warning", "duplicate", name, where, fields, f"duplicates {first_exact[exact]}"
                 )
             )
             continue
         first_exact[exact] = where
-        if prompt in first_prompt and first_prompt[prompt][1] != record["output"]:
+        if prompt in first_prompt and first_prompt[prompt][1] != answer:
             issues.append(
                 Issue(
                     "warning",
                     "conflict",
                     name,
                     where,
-                    "output",
-                    f"same instruction and input as {first_prompt[prompt][0]} but a different output",
+                    ", ".join(answers),
+                    f"same instruction and input as {first_prompt[prompt][0]} but a different "
+                    + ("output" if answers == ("output",) else "pair"),
                 )
             )
         else:
-            first_prompt.setdefault(prompt, (where, record["output"]))
+            first_prompt.setdefault(prompt, (where, answer))
     return issues
 
 
@@ -338,12 +372,30 @@ def load_records(
             list; or a record is invalid and ``skip_invalid`` is false (every invalid record is
             listed, with its index or line number and the field).
     """
+    return _load(source, skip_invalid, check_record, ("output",))
+
+
+def load_preference_records(
+    source: str | os.PathLike | Sequence[Mapping[str, Any]], *, skip_invalid: bool = False
+) -> LoadResult:
+    """Load and validate preference records (``instruction``, optional ``input``, non-empty
+    ``chosen`` and ``rejected``: the book's ``instruction-data-with-preference.json``), with the
+    same files, errors and warnings as :func:`load_records`."""
+    return _load(source, skip_invalid, check_preference_record, ("chosen", "rejected"))
+
+
+def _load(
+    source: str | os.PathLike | Sequence[Mapping[str, Any]],
+    skip_invalid: bool,
+    check: Callable[[Any], tuple[Record | None, list[tuple[str, str]]]],
+    answers: tuple[str, ...],
+) -> LoadResult:
     warnings: list[Issue] = []
     if not isinstance(source, (str, os.PathLike)):
         items = [(f"record {i}", obj) for i, obj in enumerate(source)]
         if not items:
             raise DataError("<records>: the list of records is empty")
-        return _check_all(items, "<records>", skip_invalid, warnings)
+        return _check_all(items, "<records>", skip_invalid, warnings, check, answers)
     path = Path(source)
     name = str(path)
     try:
@@ -356,7 +408,7 @@ def load_records(
         raise DataError(f"{name}: cannot read it ({exc.strerror})") from None
     text = _decode(data, name, warnings)
     items = _parse_jsonl(text) if _is_jsonl(path, text) else _parse_json(text, name)
-    return _check_all(items, name, skip_invalid, warnings)
+    return _check_all(items, name, skip_invalid, warnings, check, answers)
 
 
 def split_records(
