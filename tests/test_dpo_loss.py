@@ -21,10 +21,10 @@ from instructune.training.loss import IGNORE_INDEX
 PAD = 0
 
 
-def tiny(arch: str, dtype=torch.float32):
+def tiny(arch: str, dtype=torch.float32, drop_rate: float = 0.0):
     name = "gpt2" if arch == "gpt2" else "smollm2-135m"
     overrides = dict(n_layers=2, emb_dim=32, n_heads=2, hidden_dim=64, context_length=64)
-    overrides.update(vocab_size=97, drop_rate=0.0)
+    overrides.update(vocab_size=97, drop_rate=drop_rate)
     if arch == "llama":
         overrides.update(n_kv_heads=1)
     torch.manual_seed(0)
@@ -126,3 +126,29 @@ def test_beta_must_be_positive():
     zero = torch.zeros(2)
     with pytest.raises(ValueError, match="beta"):
         dpo_loss(zero, zero, zero, zero, beta=0.0)
+
+
+def test_the_reference_cache_equals_recomputation_and_knows_its_key(tmp_path):
+    from instructune.training.dpo import (
+        load_reference_logprobs,
+        reference_logprobs,
+        save_reference_logprobs,
+    )
+
+    reference = tiny("llama", drop_rate=0.3)
+    reference.train()  # the cache must not depend on dropout or the mode it was left in
+    (ci, ct), (ri, rt) = pairs()
+    batches = [((ci[:1], ct[:1]), (ri[:1], rt[:1])), ((ci[1:], ct[1:]), (ri[1:], rt[1:]))]
+    chosen, rejected = reference_logprobs(reference, batches)
+    assert reference.training  # back in the mode it came in
+    path = tmp_path / "reference-logprobs.safetensors"
+    save_reference_logprobs(path, chosen, rejected, key="weights-abc:records-123")
+    cached = load_reference_logprobs(path, key="weights-abc:records-123")
+    reference.eval()
+    with torch.no_grad():
+        again = (sequence_logprobs(reference, ci, ct), sequence_logprobs(reference, ri, rt))
+    for got, want in zip(cached, again, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    # Another reference or other records: no cache, compute again.
+    assert load_reference_logprobs(path, key="weights-xyz:records-123") is None
+    assert load_reference_logprobs(tmp_path / "missing.safetensors", key="k") is None

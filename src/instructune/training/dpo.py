@@ -14,13 +14,22 @@ A batch is what ``data.collate.collate(..., mask_prompt=True)`` makes of each si
 targets (B, T), the prompt and the padding set to ``IGNORE_INDEX`` in the targets, so only
 response tokens (the end token included) count.
 
-Public names: ``sequence_logprobs``, ``dpo_loss``, ``DpoStats``.
+The reference model is frozen, so its log-probabilities of every pair are computed once, before
+training, and kept in the run directory (``reference_logprobs``, ``save_reference_logprobs``,
+``load_reference_logprobs``): the reference need not stay in memory, and a resumed run reads
+them back instead of recomputing.
+
+Public names: ``sequence_logprobs``, ``dpo_loss``, ``DpoStats``, ``reference_logprobs``,
+``save_reference_logprobs``, ``load_reference_logprobs``.
 """
 
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -100,3 +109,52 @@ def dpo_loss(
     rejected = policy_rejected - reference_rejected.detach()
     losses = -F.logsigmoid(beta * (chosen - rejected))
     return losses, chosen.detach(), rejected.detach()
+
+
+@torch.inference_mode()
+def reference_logprobs(
+    model: nn.Module,
+    batches: Iterable[tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference's mean response log-probabilities of every pair, in batch order: chosen
+    (N,) and rejected (N,), on the CPU. ``batches`` are ``collate_pairs`` batches; the model is
+    put in eval mode (no dropout: the reference is a fixed function)."""
+    was_training = model.training
+    model.eval()
+    chosen, rejected = [], []
+    try:
+        for (ci, ct), (ri, rt) in batches:
+            device = model.output_weight.device
+            chosen.append(sequence_logprobs(model, ci.to(device), ct.to(device)).cpu())
+            rejected.append(sequence_logprobs(model, ri.to(device), rt.to(device)).cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(chosen), torch.cat(rejected)
+
+
+def save_reference_logprobs(
+    path: str | os.PathLike, chosen: torch.Tensor, rejected: torch.Tensor, *, key: str
+) -> Path:
+    """Write the reference log-probabilities (safetensors, atomically) with the ``key`` they
+    belong to (a digest of the reference weights and the records, made by the caller)."""
+    from instructune.checkpoints.tensor_files import write_safetensors
+
+    return write_safetensors(
+        path, [("chosen", chosen), ("rejected", rejected)], metadata={"key": key}
+    )
+
+
+def load_reference_logprobs(
+    path: str | os.PathLike, *, key: str
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The cached log-probabilities when ``path`` holds them for ``key``; None when it is
+    missing or was written for another reference or other records (then compute them again)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        return None
+    with safe_open(str(path), framework="pt") as f:
+        if (f.metadata() or {}).get("key") != key:
+            return None
+        return f.get_tensor("chosen"), f.get_tensor("rejected")
