@@ -162,11 +162,11 @@ def test_llama_cpp_chat_template_renders_our_prompt(gpt2_llama_cpp):
 @pytest.mark.embedded
 def test_embedded_smollm2_f32_in_llama_cpp(tmp_path):
     """The real check: SmolLM2-135M-Instruct exported f32, its own chat format, in llama.cpp."""
+    llama_cpp_or_skip()  # before any llama_cpp import: without it, this test skips
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
     from instructune.checkpoints import load_model
 
-    llama_cpp_or_skip()
     loaded = load_model("smollm2-135m-instruct", log=None)
     loaded.prompt_format = prompt_format_for(loaded.tokenizer, "chat")
     path = export_gguf(loaded, tmp_path, gguf_type="f32", name="smollm2").gguf
