@@ -12,22 +12,17 @@ import asyncio
 import threading
 
 import pytest
-import torch
+from test_generation import PROMPTS as GENERATION_PROMPTS
+from test_generation import tiny_model
 
 from instructune.checkpoints.load import LoadedModel
 from instructune.generation import ContextLengthError, GenerationError, generate
 from instructune.generation.engine import Engine, EngineError, QueueFullError
-from instructune.models import build_model, get_config
 from instructune.tokenization.gpt2 import GPT2Tokenizer
 
+# test_generation's prompts, and more of them (16 concurrent clients).
 PROMPTS = [
-    "Below is an instruction that describes a task. Write a response.",
-    "Hi",
-    "The quick brown fox jumps over",
-    "A",
-    "Name three colours of the rainbow, please, and say why the sky is blue.",
-    "What is 2 + 2?",
-    "Translate 'good morning' into German.",
+    *GENERATION_PROMPTS,
     "Once upon a time, in a land far away, there lived",
     "List the planets",
     "Why?",
@@ -46,18 +41,15 @@ def tok() -> GPT2Tokenizer:
 
 
 def tiny_loaded(tok, arch: str = "gpt2") -> LoadedModel:
-    """A random 2-layer model whose untied head is scaled up, so logits are far from ties."""
-    name = "gpt2" if arch == "gpt2" else "smollm2-135m"
-    overrides = dict(n_layers=2, emb_dim=64, n_heads=4, context_length=128)
-    if arch == "llama":
-        overrides.update(n_kv_heads=2, hidden_dim=128, vocab_size=50257)
-    torch.manual_seed(0)
-    cfg = get_config(name, tie_embeddings=False, **overrides)
-    model = build_model(cfg).eval()
-    with torch.no_grad():
-        model.out_head.weight.mul_(30)
+    """test_generation's tiny model (untied head scaled up, far from ties), loaded."""
+    model = tiny_model(arch).eval()
     return LoadedModel(
-        model=model, tokenizer=tok, config=cfg, prompt_format=None, source="test", weights="random"
+        model=model,
+        tokenizer=tok,
+        config=model.cfg,
+        prompt_format=None,
+        source="test",
+        weights="random",
     )
 
 
@@ -348,6 +340,15 @@ def test_generate_continuous_answers_as_generate_does(loaded, tok):
         want = generate(loaded.model, tok, encoded, max_new_tokens=20, batch_size=4, **settings)
         got = generate_continuous(loaded, encoded, max_batch=4, max_new_tokens=20, **settings)
         assert got == want
+    # Mid-training (the per-epoch sample) the model goes back to training mode afterwards.
+    loaded.model.train()
+    try:
+        assert generate_continuous(loaded, encoded[:2], max_new_tokens=3) == generate(
+            loaded.model, tok, encoded[:2], max_new_tokens=3
+        )
+        assert loaded.model.training
+    finally:
+        loaded.model.eval()
     # A prompt too long for the context is cropped from the left, as generate does.
     with pytest.warns(UserWarning, match="dropped its first"):
         (cropped,) = generate_continuous(loaded, [list(range(1, 121))], max_new_tokens=20)

@@ -69,9 +69,9 @@ def decode_as_completed(
     decoded together. Runs in the caller's thread; the model is back in its mode afterwards.
     """
     seeds = _seeds(seed, len(prompts))
-    engine = Engine(loaded, max_batch=max_batch, max_queue=max(1, len(prompts)))
+    # The mode is recorded before the engine puts the model in eval mode, so it comes back.
     with eval_mode(loaded.model):
-        engine.model.eval()
+        engine = Engine(loaded, max_batch=max_batch, max_queue=max(1, len(prompts)))
         tokenizer = loaded.tokenizer
         requests = {}
         # Longest prompts first: prompts that join together are prefilled as one padded batch,
