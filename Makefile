@@ -8,7 +8,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.instructune-installed
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast test-interop demo bench bench-answering bench-serving bench-llamacpp lint clean
+.PHONY: install test test-fast test-interop test-cuda demo bench bench-answering bench-serving bench-llamacpp lint clean
 
 install: $(STAMP)
 
@@ -38,6 +38,12 @@ test-interop: $(STAMP)
 		  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q golang-go; } || \
 		echo "golang-go could not be installed: the Go template tests will skip"
 	$(PY) -m pytest -s -m interop tests/test_export_interop.py $(PYTEST_ARGS)
+
+# On a machine with a CUDA GPU: CPU/GPU agreement, fp16/bf16 runs, resume, decoding (they skip
+# without one), then the book's job on the GPU (benchmarks/gpu.py prints its figures).
+test-cuda: $(STAMP)
+	$(PY) -m pytest -m cuda tests/test_cuda.py $(PYTEST_ARGS)
+	$(PY) benchmarks/gpu.py
 
 demo: $(STAMP)
 	$(PY) -m instructune.demo

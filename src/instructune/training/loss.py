@@ -191,11 +191,28 @@ def supervised_loss_sum(
     ``model`` must offer ``forward_hidden(input_ids)`` -> (B, T, D) and ``output_weight``
     -> (V, D), as instructune's models do. ``grad_scale``: see ``linear_cross_entropy_sum``.
     """
-    hidden = model.forward_hidden(inputs)  # (B, T, D)
+    return loss_sum_from_hidden(
+        model.forward_hidden(inputs),
+        model.output_weight,
+        targets,
+        chunk_rows=chunk_rows,
+        grad_scale=grad_scale,
+    )
+
+
+def loss_sum_from_hidden(
+    hidden: torch.Tensor,
+    output_weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    grad_scale: float = 1.0,
+) -> torch.Tensor:
+    """``supervised_loss_sum`` from the final hidden states (B, T, D) of the batch."""
     mask = targets != IGNORE_INDEX
     rows = hidden[mask]  # (N, D): positions that carry a loss
     return linear_cross_entropy_sum(
-        rows, model.output_weight, targets[mask], chunk_rows=chunk_rows, grad_scale=grad_scale
+        rows, output_weight, targets[mask], chunk_rows=chunk_rows, grad_scale=grad_scale
     )
 
 
