@@ -95,3 +95,25 @@ class Server:
         self.server.should_exit = True
         self.thread.join(30)
         self.sock.close()
+
+
+def save_tiny_llama(out: Path, tokenizer, *, context_length: int = 256) -> Path:
+    """A 1-layer random Llama (SmolLM2's architecture) saved in ``out`` with ``tokenizer``."""
+    import torch
+
+    from instructune.checkpoints import save_model
+    from instructune.models import build_model, get_config
+
+    torch.manual_seed(0)
+    cfg = get_config(
+        "smollm2-135m",
+        n_layers=1,
+        emb_dim=32,
+        n_heads=2,
+        n_kv_heads=1,
+        hidden_dim=64,
+        vocab_size=tokenizer.vocab_size,
+        context_length=context_length,
+    )
+    save_model(out, build_model(cfg), tokenizer, cfg)
+    return out

@@ -6,7 +6,7 @@ import json
 import shutil
 
 import pytest
-from helpers import tiny_finetune_args
+from helpers import save_tiny_llama, tiny_finetune_args
 
 from instructune.cli.main import main
 
@@ -248,28 +248,12 @@ def test_embedded_model_fine_tunes_and_its_validation_loss_falls(fixtures, tmp_p
 @pytest.fixture
 def bos_model_dir(bos_tokenizer_dir, tmp_path):
     """A tiny random Llama saved with a tokenizer that adds a beginning-of-sequence token."""
-    import torch
 
-    from instructune.checkpoints import save_model
-    from instructune.models import build_model, get_config
     from instructune.tokenization import load_tokenizer
 
     tokenizer = load_tokenizer(bos_tokenizer_dir)
     assert tokenizer.add_bos and tokenizer.bos_id is not None
-    torch.manual_seed(0)
-    cfg = get_config(
-        "smollm2-135m",
-        n_layers=1,
-        emb_dim=32,
-        n_heads=2,
-        n_kv_heads=1,
-        hidden_dim=64,
-        vocab_size=tokenizer.vocab_size,
-        context_length=256,
-    )
-    out = tmp_path / "base"
-    save_model(out, build_model(cfg), tokenizer, cfg)
-    return out
+    return save_tiny_llama(tmp_path / "base", tokenizer)
 
 
 @pytest.mark.parametrize("style", ["alpaca", "chat"])

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import FIXTURES, tiny_config, tiny_finetune_args
+from helpers import FIXTURES, save_tiny_llama, tiny_config, tiny_finetune_args
 
 from instructune.config import ConfigError, apply_overrides
 from instructune.pipeline import (
@@ -166,10 +166,7 @@ DAY_ONE, DAY_TWO = datetime.date(2026, 11, 27), datetime.date(2027, 3, 4)
 @pytest.fixture
 def dated_model_dir(tmp_path) -> Path:
     """A tiny random Llama whose chat template prints today's date (as Llama 3's does)."""
-    import torch
 
-    from instructune.checkpoints import save_model
-    from instructune.models import build_model, get_config
     from instructune.tokenization import load_tokenizer
 
     tok_dir = tmp_path / "tok"
@@ -181,20 +178,7 @@ def dated_model_dir(tmp_path) -> Path:
     )
     (tok_dir / "tokenizer_config.json").write_text(json.dumps(config))
     tokenizer = load_tokenizer(tok_dir)
-    torch.manual_seed(0)
-    cfg = get_config(
-        "smollm2-135m",
-        n_layers=1,
-        emb_dim=32,
-        n_heads=2,
-        n_kv_heads=1,
-        hidden_dim=64,
-        vocab_size=tokenizer.vocab_size,
-        context_length=512,
-    )
-    out = tmp_path / "base"
-    save_model(out, build_model(cfg), tokenizer, cfg)
-    return out
+    return save_tiny_llama(tmp_path / "base", tokenizer, context_length=512)
 
 
 def test_a_resume_on_another_day_keeps_the_runs_prompt_date(dated_model_dir, tmp_path, monkeypatch):

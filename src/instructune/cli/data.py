@@ -20,6 +20,7 @@ examples:
   instructune data show book 50                 # the book's worked example, exact text
   instructune data show demo 3 --style phi3
   instructune data inspect book --batch-size 8 --max-length 1024
+  instructune data inspect chats.jsonl --style chat --tokenizer MODEL_DIR --tokens 0
   instructune data dedup book --key output --out book-dedup.json
   instructune data generate --llm ollama:llama3 --n 100 --out magpie.jsonl
   instructune data rewrite book --llm ollama:llama3 --prompt passive-voice --into passive \
@@ -85,6 +86,13 @@ def register(subparsers) -> None:
     )
     p.add_argument("--seed", type=int, default=123, help="batch shuffle seed (default 123)")
     p.add_argument("--skip-invalid", action="store_true", help="drop bad records and list them")
+    p.add_argument(
+        "--tokens",
+        type=int,
+        default=None,
+        metavar="N",
+        help="also show record N's tokens, the supervised ones (each answer) marked TRAIN",
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_inspect)
 
@@ -316,42 +324,69 @@ def _tokenizer_and_template(args):
 
 
 def _system_turn_notice(records, style: str) -> None:
-    """On stderr: how many records lose their system turn to ``style`` (nothing if none)."""
-    from instructune.data.prompts import system_turn_notice
+    """On stderr: how many records lose their system turn, or all but their last answer, to
+    ``style`` (nothing if none)."""
+    from instructune.data.prompts import multi_turn_notice, system_turn_notice
 
-    notice = system_turn_notice(records, style)
-    if notice is not None:
-        print(notice, file=sys.stderr)
+    for notice in (system_turn_notice(records, style), multi_turn_notice(records, style)):
+        if notice is not None:
+            print(notice, file=sys.stderr)
+
+
+def _record_index(records, index: int) -> int:
+    from instructune.errors import DataError
+
+    if not -len(records) <= index < len(records):
+        raise DataError(
+            f"{records.source}: no record {index}; it has {len(records)} (0 to {len(records) - 1})"
+        )
+    return index % len(records)
 
 
 def cmd_show(args) -> int:
-    from instructune.data.prompts import format_example
+    from instructune.data.prompts import format_parts
     from instructune.data.sources import load_source
-    from instructune.errors import DataError
 
     records = load_source(args.src)
-    if not -len(records) <= args.index < len(records):
-        raise DataError(
-            f"{records.source}: no record {args.index}; it has {len(records)} (0 to {len(records) - 1})"
-        )
-    template = _tokenizer_and_template(args)[1] if args.style == "chat" else None
-    prompt, response = format_example(records[args.index], args.style, chat_template=template)
-    _system_turn_notice([records[args.index]], args.style)
+    index = _record_index(records, args.index)
+    end_token, template = "", None
+    if args.style == "chat":
+        tokenizer, template = _tokenizer_and_template(args)
+        end_token = tokenizer.eos_token
+    record = records[index]
+    parts = format_parts(record, args.style, chat_template=template, end_token=end_token)
+    _system_turn_notice([record], args.style)
+    prompt, response = parts[-1]
     if args.json:
-        print(json.dumps({"prompt": prompt, "response": response}, ensure_ascii=False, indent=2))
+        shown = {"prompt": prompt, "response": response}
+        if "messages" in record:
+            # The record's turns, and for the chat style every (prompt, answer) it trains on.
+            shown["messages"] = record["messages"]
+            shown["parts"] = [{"prompt": p, "response": r} for p, r in parts]
+        print(json.dumps(shown, ensure_ascii=False, indent=2))
         return 0
-    where = records.locations[args.index]
+    where = records.locations[index]
     print(f"=== {records.source}: {where} of {len(records)}, style {args.style} ===")
-    print("--- prompt ---")
-    sys.stdout.write(prompt if prompt.endswith("\n") else prompt + "\n")
-    print("--- response ---")
-    print(response)
+    for number, (prompt, response) in enumerate(parts, start=1):
+        print("--- prompt ---")
+        sys.stdout.write(prompt if prompt.endswith("\n") else prompt + "\n")
+        if len(parts) == 1:
+            print("--- response ---")
+        else:
+            # Training puts the end token after every answer; the next prompt starts after it.
+            print(f"--- response {number} of {len(parts)} (then the end token {end_token}) ---")
+        print(response)
     print("--- end ---")
     return 0
 
 
 def cmd_inspect(args) -> int:
-    from instructune.data.inspection import format_report, inspect_records
+    from instructune.data.inspection import (
+        format_report,
+        format_token_view,
+        inspect_records,
+        token_view,
+    )
     from instructune.data.sources import load_source
 
     records = load_source(args.src, skip_invalid=args.skip_invalid)
@@ -367,10 +402,20 @@ def cmd_inspect(args) -> int:
         seed=args.seed,
         source=str(records.source),
     )
+    view = None
+    if args.tokens is not None:
+        index = _record_index(records, args.tokens)
+        where = f"record {index} ({records.locations[index]})"
+        view = token_view(records[index], tokenizer, style=args.style, where=where)
     if args.json:
-        print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
+        shown = report.to_dict()
+        if view is not None:
+            shown["token_view"] = view
+        print(json.dumps(shown, indent=2, ensure_ascii=False))
     else:
         print(format_report(report))
+        if view is not None:
+            print(format_token_view(view))
     return 0
 
 

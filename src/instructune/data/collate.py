@@ -44,15 +44,24 @@ def collate(
         mask_prompt: set to ``ignore_index`` every target that predicts a prompt token, so the
             first supervised target is the response's first token (exercise 7.2). Needs
             :class:`TokenizedRecord` items, which know where the prompt ends.
+
+    An item with several responses (a multi-turn conversation) is always masked that way,
+    whatever ``mask_prompt``: only its responses, each with its end token, are predicted, and
+    every target predicting a system or user turn or the template's text between turns is
+    ignored. Training on a conversation means learning the assistant's side of it; without
+    the mask the model would also learn to write the user's turns.
     """
     import torch
 
     sequences: list[list[int]] = []
     prompt_lens: list[int] = []
+    # Response ranges of the items that have several (multi-turn); () for every other item.
+    spans: list[tuple[tuple[int, int], ...]] = []
     for item in items:
         if isinstance(item, TokenizedRecord):
             sequences.append(list(item.ids))
             prompt_lens.append(item.prompt_len)
+            spans.append(item.responses)
         else:
             if mask_prompt:
                 raise ValueError(
@@ -60,6 +69,7 @@ def collate(
                 )
             sequences.append([*item, pad_id])
             prompt_lens.append(0)
+            spans.append(())
     if not sequences:
         raise ValueError("cannot collate an empty batch")
 
@@ -67,9 +77,16 @@ def collate(
     # Filled row by row from 1-D tensors: much faster than torch.tensor() on nested lists.
     padded = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     target_tensor = torch.full((len(sequences), width - 1), ignore_index, dtype=torch.long)
-    for row, (seq, prompt_len) in enumerate(zip(sequences, prompt_lens, strict=True)):
+    rows = zip(sequences, prompt_lens, spans, strict=True)
+    for row, (seq, prompt_len, responses) in enumerate(rows):
         ids = torch.tensor(seq, dtype=torch.long)
         padded[row, : len(seq)] = ids
+        if responses:
+            # Several answers: only the targets predicting a response id (ids[start:end], so
+            # targets start - 1 .. end - 2) are kept; the rest of the row stays ignored.
+            for start, end in responses:
+                target_tensor[row, start - 1 : end - 1] = ids[start:end]
+            continue
         # Target j predicts padded[j + 1]. The end token sits at len(seq) - 1, so targets up to
         # j = len(seq) - 2 are real and every later one (predicting padding) stays ignored.
         target_tensor[row, : len(seq) - 1] = ids[1:]

@@ -11,7 +11,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from instructune.data.dataset import tokenize_records
+from instructune.data.dataset import TokenizedRecord, tokenize_record, tokenize_records
+from instructune.data.prompts import record_conversation
 from instructune.data.records import split_records
 from instructune.data.sampling import batch_order, padding_share
 from instructune.tokenization.base import Tokenizer
@@ -61,6 +62,9 @@ class InspectReport:
         empty_outputs: indices of records whose output is empty.
         duplicates, conflicts: the duplicate warnings (as text).
         skipped: records dropped as invalid (as text).
+        conversations: records that are conversations of several exchanges.
+        answers: the responses the style trains on, over all records (one per record, except
+            for multi-turn records in the ``chat`` style: one per assistant turn).
     """
 
     source: str
@@ -80,6 +84,8 @@ class InspectReport:
     duplicates: list[str] = field(default_factory=list)
     conflicts: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    conversations: int = 0
+    answers: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -135,6 +141,8 @@ def inspect_records(
         duplicates=[str(w) for w in warnings if w.code == "duplicate"],
         conflicts=[str(w) for w in warnings if w.code == "conflict"],
         skipped=[str(s) for s in getattr(records, "skipped", [])],
+        conversations=sum(record_conversation(r) is not None for r in records),
+        answers=sum(len(item.response_spans()) for item in items),
     )
 
 
@@ -155,6 +163,8 @@ def format_report(report: InspectReport, *, limit: int = 10) -> str:
     lines = [
         f"source: {report.source}",
         f"records: {report.records}",
+        f"conversations of several exchanges: {report.conversations} "
+        f"(answers trained: {report.answers})",
         f"split (train/test/val): {sizes['train']} / {sizes['test']} / {sizes['val']}",
         f"tokens ({report.tokenizer}, style {report.style}):",
         f"  sequence: {stats(report.lengths)}",
@@ -172,4 +182,76 @@ def format_report(report: InspectReport, *, limit: int = 10) -> str:
     ]
     if report.skipped:
         lines += listed(report.skipped, "skipped as invalid")
+    return "\n".join(lines)
+
+
+@dataclass
+class TokenSegment:
+    """A run of consecutive ids of one training sequence that are all prompt or all response.
+
+    Attributes:
+        start, end: the ids' range in the sequence.
+        supervised: whether they are response ids (targets when the prompt is masked).
+        text: the ids decoded.
+    """
+
+    start: int
+    end: int
+    supervised: bool
+    text: str
+
+
+def token_segments(item: TokenizedRecord, tokenizer: Tokenizer) -> list[TokenSegment]:
+    """``item``'s ids cut where supervision starts or stops, each run decoded."""
+    flags = item.supervised()
+    segments = []
+    start = 0
+    for i in range(1, len(flags) + 1):
+        if i == len(flags) or flags[i] != flags[start]:
+            text = tokenizer.decode(item.ids[start:i])
+            segments.append(TokenSegment(start, i, flags[start], text))
+            start = i
+    return segments
+
+
+def token_view(
+    record: Mapping[str, Any],
+    tokenizer: Tokenizer,
+    *,
+    style: str = "alpaca",
+    where: str = "",
+) -> dict[str, Any]:
+    """What training makes of one record: its ids in runs of prompt and response.
+
+    Returns ``{"where", "tokens", "supervised", "answers", "segments": [TokenSegment as dict]}``.
+    """
+    item = tokenize_record(record, tokenizer, style)
+    segments = token_segments(item, tokenizer)
+    return {
+        "where": where,
+        "style": style,
+        "tokens": len(item.ids),
+        "supervised": sum(s.end - s.start for s in segments if s.supervised),
+        "answers": len(item.response_spans()),
+        "segments": [asdict(s) for s in segments],
+    }
+
+
+def format_token_view(view: Mapping[str, Any]) -> str:
+    """The token view as lines: one per run, ``TRAIN`` marking the supervised ones."""
+    import json
+
+    lines = [
+        f"tokens of {view['where'] or 'the record'}, style {view['style']}: {view['tokens']} "
+        f"ids, {view['supervised']} supervised in {view['answers']} answer(s)",
+        "  (TRAIN: response ids and their end token, the only targets of a conversation; "
+        "of one exchange with --mask-instructions, and without it every id after the first)"
+        if view["answers"] > 1
+        else "  (TRAIN: response ids and their end token, the targets with --mask-instructions; "
+        "without it every id after the first is a target)",
+    ]
+    for s in view["segments"]:
+        mark = "TRAIN " if s["supervised"] else "prompt"
+        text = json.dumps(s["text"], ensure_ascii=False)
+        lines.append(f"  {s['start']:>5}-{s['end'] - 1:<5} {mark} {text}")
     return "\n".join(lines)

@@ -11,6 +11,8 @@ Styles:
 * ``chat``: the tokenizer's own Jinja chat template, rendered with ``jinja2``: the record's
   ``system`` turn when it has one, one user message (the instruction, plus ``"\\n\\n" + input``
   when there is one) and the generation prompt.
+  A multi-turn record (one with ``messages``) is its conversation instead: the turns before
+  the last answer and the generation prompt; :func:`format_parts` gives every answer.
 
 ``alpaca`` and ``phi3`` have no place for a system turn; :func:`system_turn_notice` says how
 many records lose theirs. Templates that call ``strftime_now`` see the date fixed with
@@ -118,19 +120,48 @@ def system_message(record: Mapping[str, Any]) -> str:
     return _text(record, "system")
 
 
-def _chat(record: Mapping[str, Any], chat_template: str | None) -> tuple[str, str]:
+def record_conversation(record: Mapping[str, Any]) -> list[dict[str, str]] | None:
+    """The conversation of a multi-turn record (its ``messages``, with several assistant turns),
+    or None for other records.
+
+    Its last assistant turn is the record's ``output``, so that a record given another answer
+    (a preference pair's ``chosen`` or ``rejected``, see ``dataset.tokenize_pair``) is that
+    conversation with the other answer.
+    """
+    messages = record.get("messages")
+    if not isinstance(messages, list):
+        return None
+    turns = [{"role": m["role"], "content": m["content"]} for m in messages]
+    if sum(turn["role"] == "assistant" for turn in turns) < 2:
+        return None  # one exchange: the plain record's fields say it all
+    if "output" in record:
+        turns[-1]["content"] = _text(record, "output")
+    return turns
+
+
+def _need_template(chat_template: str | None) -> str:
     if not chat_template:
         raise DataError(
             "prompt style 'chat' needs the tokenizer's chat template, and none was given "
             "(this tokenizer has none: use --style alpaca or --style phi3)"
         )
+    return chat_template
+
+
+def _chat(record: Mapping[str, Any], chat_template: str | None) -> tuple[str, str]:
+    template = _need_template(chat_template)
+    turns = record_conversation(record)
+    if turns is not None:
+        # The last exchange, in the context of the turns before it.
+        prompt = render_chat_template(template, turns[:-1], add_generation_prompt=True)
+        return prompt, turns[-1]["content"]
     messages = [{"role": "user", "content": user_message(record)}]
     system = system_message(record)
     if system:
         # Given to the template as the first turn, so a template with a default system prompt
         # (SmolLM2's) uses the record's instead of its own.
         messages.insert(0, {"role": "system", "content": system})
-    return render_chat_template(chat_template, messages, add_generation_prompt=True), _text(
+    return render_chat_template(template, messages, add_generation_prompt=True), _text(
         record, "output"
     )
 
@@ -207,6 +238,98 @@ def format_example(
     return get_style(style).build(record, chat_template)
 
 
+def format_parts(
+    record: Mapping[str, Any],
+    style: str = "alpaca",
+    *,
+    chat_template: str | None = None,
+    end_token: str = "",
+) -> list[tuple[str, str]]:
+    """The training text of a record as ``[(prompt, response), ...]``: one pair per response.
+
+    Every record gives the one pair of :func:`format_example`, except a multi-turn record
+    (one with ``messages``, see ``records.record_from_messages``) in the ``chat`` style: one
+    pair per assistant turn, where each prompt is the text between the end of the previous
+    answer and the start of this one (the first prompt starts the conversation). Tokenisation
+    puts the end token (as an id) after each response; ``end_token`` is its text, which the
+    template writes after an answer and the next prompt therefore leaves out.
+
+    With the alpaca and phi3 styles a multi-turn record is the one exchange of its last turn,
+    the earlier turns being its ``input``: only the last answer is a response.
+    """
+    turns = record_conversation(record) if style == "chat" else None
+    if turns is None:
+        return [format_example(record, style, chat_template=chat_template)]
+    return chat_parts(turns, _need_template(chat_template), end_token=end_token)
+
+
+def chat_parts(
+    messages: list[dict[str, str]], chat_template: str, *, end_token: str = ""
+) -> list[tuple[str, str]]:
+    """A conversation rendered by ``chat_template`` as ``[(prompt, response), ...]``, one pair
+    per assistant turn, such that the prompts and responses, with ``end_token`` after each
+    response but the last, concatenate to the rendered conversation.
+
+    The boundaries come from rendering prefixes of the conversation, never from searching the
+    text for markers. The prompt of assistant turn k is what the template renders for the
+    messages before it *with the generation prompt* (for SmolLM2
+    ``...<|im_start|>assistant\\n``), less the text already given to earlier pairs; the response
+    is the turn's content. So an answer's opening belongs to the prompt exactly as it does when
+    the model is asked to answer (generation sends that same prefix), and the response holds
+    the content alone. How the template wrote an answer is read from the next prefix, which
+    contains it: the content (or, for templates that ``trim`` it, the stripped content), then,
+    when the template ends the turn with ``end_token`` (SmolLM2's ``<|im_end|>``), that token,
+    which tokenisation supplies as an id. Anything else the template writes between turns
+    (``\\n<|im_start|>user\\n...``) is prompt.
+
+    Raises:
+        DataError: the template does not render the conversation as growing prefixes (it
+            rewrites earlier turns, or its generation prompt is not how it starts an answer),
+            so the answers cannot be separated exactly.
+    """
+    answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    parts: list[tuple[str, str]] = []
+    done = ""  # the rendered text already placed in earlier parts
+    prefix = render_chat_template(chat_template, messages[: answers[0]], add_generation_prompt=True)
+    for n, at in enumerate(answers):
+        if not prefix.startswith(done):
+            raise _not_prefixes(at)
+        prompt, content = prefix[len(done) :], messages[at]["content"]
+        if n == len(answers) - 1:
+            # The last answer is followed only by the end token, as in a single-turn record.
+            parts.append((prompt, content))
+            break
+        following = render_chat_template(
+            chat_template, messages[: answers[n + 1]], add_generation_prompt=True
+        )
+        if not following.startswith(prefix):
+            raise _not_prefixes(at)
+        written = following[len(prefix) :]
+        if written.startswith(content):
+            response = content
+        elif written.startswith(content.strip()):
+            response = content.strip()
+        else:
+            raise _not_prefixes(at)
+        done = prefix + response
+        if end_token and written[len(response) :].startswith(end_token):
+            done += end_token
+        # Otherwise the template ends a turn some other way (or with an ``eos_token`` variable,
+        # rendered empty): the end id still follows the answer, as it does for the last one.
+        parts.append((prompt, response))
+        prefix = following
+    return parts
+
+
+def _not_prefixes(at: int) -> DataError:
+    return DataError(
+        f"messages[{at}]: the chat template does not render this conversation as a sequence "
+        "of growing prefixes (it rewrites earlier turns, or starts an answer differently from "
+        "its generation prompt), so its assistant turns cannot be separated exactly; use one "
+        "exchange a record, or --style alpaca"
+    )
+
+
 def format_prompt(
     record: Mapping[str, Any], style: str = "alpaca", *, chat_template: str | None = None
 ) -> str:
@@ -244,6 +367,22 @@ def system_turn_notice(records: Iterable[Mapping[str, Any]], style: str) -> str 
         f"note: {with_system} of {total} records have a system turn, which the {style} style "
         "cannot express: it is left out of their prompts (--style chat passes it to the "
         "model's chat template)"
+    )
+
+
+def multi_turn_notice(records: Iterable[Mapping[str, Any]], style: str) -> str | None:
+    """One line saying how many ``records`` are conversations of several exchanges of which
+    ``style`` trains only the last answer (None for ``chat``, or when there are none)."""
+    total = multi = 0
+    for record in records:
+        total += 1
+        multi += record_conversation(record) is not None
+    if style == "chat" or not multi:
+        return None
+    return (
+        f"note: {multi} of {total} records are conversations of several exchanges; the {style} "
+        "style trains only their last answer, with the earlier turns as its input (--style "
+        "chat trains every assistant turn through the model's chat template)"
     )
 
 

@@ -2,8 +2,8 @@
 
 A record is a plain ``dict`` with string ``instruction``, ``input`` and ``output``; any other
 keys are kept untouched. Files are a JSON list of records (``.json``) or one record a line
-(``.jsonl``); a JSONL line may also be a chat conversation ``{"messages": [...]}`` (see
-:func:`record_from_messages`).
+(``.jsonl``); a JSONL line may also be a chat conversation ``{"messages": [...]}`` of one
+or several exchanges (see :func:`record_from_messages`).
 
 Every problem names the file, the record (its index in a JSON list, or its line in a JSONL
 file) and the field. Problems with one record are collected and reported together; with
@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from instructune.data.conversation import conversation_record
 from instructune.errors import DataError
 
 Record = dict[str, Any]
@@ -104,44 +105,81 @@ def _location_key(where: str) -> tuple[str, int]:
 # --- records ---------------------------------------------------------------------------------
 
 
+def check_turns(messages: Any) -> tuple[str, str] | None:
+    """The first problem of a chat conversation as ``(field, problem)``, or None when it is valid.
+
+    A conversation is an optional leading ``system`` turn, then ``user`` and ``assistant``
+    turns alternating, ending with an assistant turn (the answer to learn); user and assistant
+    contents are non-empty strings.
+    """
+    if not isinstance(messages, list) or not messages:
+        return "messages", "must be a non-empty list of {role, content} turns"
+    for number, turn in enumerate(messages):
+        if not isinstance(turn, dict):
+            return f"messages[{number}]", "must be an object with role and content"
+        role, content = turn.get("role"), turn.get("content")
+        if role not in ("system", "user", "assistant"):
+            return f"messages[{number}].role", f"must be system, user or assistant, not {role!r}"
+        if not isinstance(content, str):
+            return f"messages[{number}].content", "must be a string"
+        if role != "system" and not content.strip():
+            return f"messages[{number}].content", f"is empty (a {role} turn needs text)"
+    roles = [turn["role"] for turn in messages]
+    # The ending first: a conversation that stops before an answer has nothing to learn.
+    if roles[-1] != "assistant":
+        return (
+            "messages",
+            "turns must be [system,] user, assistant[, user, assistant ...], ending with an "
+            f"assistant turn; got {', '.join(roles)}",
+        )
+    first = 1 if roles[0] == "system" else 0
+    for number in range(first, len(roles)):
+        expected = "user" if (number - first) % 2 == 0 else "assistant"
+        if roles[number] == "system":
+            return f"messages[{number}].role", "a system turn may only be the first turn"
+        if roles[number] != expected:
+            return (
+                f"messages[{number}].role",
+                f"must be {expected!r}: after an optional system turn, turns alternate user, "
+                f"assistant (got {roles[number]!r})",
+            )
+    return None
+
+
 def record_from_messages(messages: Any, extra: Mapping[str, Any]) -> tuple[Record | None, str, str]:
     """Map a chat conversation to an instruction record.
 
-    The conversation must be one exchange: an optional ``system`` turn, one ``user`` turn and
-    one ``assistant`` turn. The user turn becomes ``instruction``, the assistant turn ``output``,
-    ``input`` is empty, and the system turn is kept under ``system``. Other keys of the line are
-    kept. Returns ``(record, "", "")`` or ``(None, field, problem)``.
+    The conversation is an optional ``system`` turn, then user and assistant turns alternating,
+    ending with an assistant turn (see :func:`check_turns`). One exchange becomes the plain
+    record: the user turn is ``instruction``, the assistant turn ``output``, ``input`` is empty,
+    and the system turn is kept under ``system``.
+
+    A conversation of several exchanges also keeps its turns under ``messages`` (the ``chat``
+    style trains on every assistant turn from them) and is given the fields that the other
+    styles, the judge and the duplicate checks read, as ``conversation.conversation_record``
+    makes them for the chat and the server: ``instruction`` is the last user turn, ``input``
+    the earlier turns as ``User: ...`` / ``Assistant: ...`` lines, ``output`` the last assistant
+    turn and ``system`` the system turn when it is not empty. Other keys of the line are kept.
+
+    Returns ``(record, "", "")`` or ``(None, field, problem)``.
     """
-    if not isinstance(messages, list) or not messages:
-        return None, "messages", "must be a non-empty list of {role, content} turns"
-    turns: dict[str, str] = {}
-    order = []
-    for number, turn in enumerate(messages):
-        if not isinstance(turn, dict):
-            return None, f"messages[{number}]", "must be an object with role and content"
-        role, content = turn.get("role"), turn.get("content")
-        if role not in ("system", "user", "assistant"):
-            return (
-                None,
-                f"messages[{number}].role",
-                f"must be system, user or assistant, not {role!r}",
-            )
-        if not isinstance(content, str):
-            return None, f"messages[{number}].content", "must be a string"
-        if role in turns:
-            return (
-                None,
-                "messages",
-                ("holds more than one exchange; give one system?/user/assistant exchange a line"),
-            )
-        turns[role] = content
-        order.append(role)
-    if order not in (["user", "assistant"], ["system", "user", "assistant"]):
-        return None, "messages", f"turns must be [system,] user, assistant; got {', '.join(order)}"
+    problem = check_turns(messages)
+    if problem is not None:
+        return None, *problem
     record: Record = {k: v for k, v in extra.items() if k != "messages"}
-    record.update(instruction=turns["user"], input="", output=turns["assistant"])
-    if "system" in turns:
-        record["system"] = turns["system"]
+    turns = [{"role": turn["role"], "content": turn["content"]} for turn in messages]
+    if sum(turn["role"] == "assistant" for turn in turns) == 1:
+        by_role = {turn["role"]: turn["content"] for turn in turns}
+        record.update(instruction=by_role["user"], input="", output=by_role["assistant"])
+        if "system" in by_role:
+            record["system"] = by_role["system"]
+        return record, "", ""
+    derived = conversation_record(turns[:-1])
+    record.update(instruction=derived["instruction"], input=derived["input"])
+    record["output"] = turns[-1]["content"]
+    if "system" in derived:
+        record["system"] = derived["system"]
+    record["messages"] = turns
     return record, "", ""
 
 
@@ -156,6 +194,12 @@ def check_record(obj: Any) -> tuple[Record | None, list[tuple[str, str]]]:
         record, field, problem = record_from_messages(obj["messages"], obj)
         return (record, []) if record is not None else (None, [(field, problem)])
     problems = []
+    if "messages" in obj:
+        # A record written out with its conversation (``data split`` of a multi-turn file):
+        # the chat style trains on these turns, so they are checked as on first reading.
+        problem = check_turns(obj["messages"])
+        if problem is not None:
+            problems.append(problem)
     instruction = obj.get("instruction")
     if "instruction" not in obj:
         problems.append(("instruction", "is missing"))
