@@ -14,7 +14,13 @@ Prints figures; it is not a test. In one run, on the same weights and prompts:
    those prompts, extrapolated to 64;
 4. load time and peak resident memory (after the load and one short forward, which touches every
    weight) for the gpt2-sized and the embedded weights, each in a fresh process, ours and
-   transformers'.
+   transformers';
+5. decoding in bf16 (``--dtype bf16``, what ``--dtype auto`` picks where the CPU has
+   AVX512-BF16/AMX): batch-1 tokens/s of the embedded model against transformers' fp32
+   ``generate`` (target x1.5), and the greedy answers to the whole test split (110 prompts) in
+   bf16 against fp32, with the share that differ and the fp32 top-two logit gap where each
+   first differs. On a CPU without bf16 instructions it prints why it is skipped
+   (``--force-bf16`` runs it anyway, slowly).
 
 Usage (from the repository root):
 
@@ -234,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--prompts", type=int, help="test-split prompts to answer (default 64)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--force-bf16", action="store_true", help="section 5 on any CPU")
+    parser.add_argument("--only-bf16", action="store_true", help="section 5 alone")
     parser.add_argument(
         "--measure-load", nargs=2, metavar=("KIND", "TARGET"), help=argparse.SUPPRESS
     )
@@ -266,6 +274,9 @@ def main(argv: list[str] | None = None) -> int:
         save_model(gpt2_dir, gpt2.model, gpt2.tokenizer, gpt2.config, gpt2.prompt_format)
         smol = load_model(EMBEDDED)
         save_model(smol_dir, smol.model, smol.tokenizer, smol.config, smol.prompt_format)
+        if args.only_bf16:
+            bf16_section(smol, smol_dir, args, rate_tokens, repeats, answer_tokens)
+            return 0
 
         print(
             f"\n1. greedy tokens/s at batch 1, {rate_tokens} new tokens (end token ignored; "
@@ -337,7 +348,54 @@ def main(argv: list[str] | None = None) -> int:
             ]
         ):
             print(line)
+        bf16_section(smol, smol_dir, args, rate_tokens, repeats, answer_tokens)
     return 0
+
+
+def bf16_section(smol, smol_dir: Path, args, rate_tokens: int, repeats: int, answer_tokens: int):
+    """Section 5: bf16 decoding of the embedded model against fp32 (ours) and transformers."""
+    import copy
+
+    import torch
+
+    from instructune.generation import encode_prompt, generate
+    from instructune.utils.devices import FAST_BF16_CPU_FLAGS, cpu_flags, has_fast_bf16
+
+    print("\n5. decoding in bf16 (--dtype bf16; --dtype auto picks it where bf16 is fast)")
+    if not has_fast_bf16(torch.device("cpu")) and not args.force_bf16:
+        print(
+            f"  skipped: this CPU has none of {', '.join(sorted(FAST_BF16_CPU_FLAGS))} "
+            f"(flags read: {len(cpu_flags())}), so torch emulates bf16 matmuls, ~50x slower "
+            "than fp32 (see the matmul peak above); --dtype auto stays fp32 here. "
+            "--force-bf16 runs it anyway."
+        )
+        return
+    bf16 = copy.deepcopy(smol)
+    bf16.model.to(torch.bfloat16)
+    hf = hf_model(smol_dir)
+    prompts = test_prompts(args.data_file, TEST_SPLIT[1] - TEST_SPLIT[0])
+    ours, theirs, _same = tokens_per_second(bf16, hf, prompts[0], rate_tokens, repeats=repeats)
+    del hf
+    print(
+        f"  batch 1, {rate_tokens} new tokens: ours bf16 {ours:.1f} tok/s, transformers fp32 "
+        f"{theirs:.1f} tok/s: x{ours / theirs:.2f} (target >= 1.5)"
+    )
+    tok = smol.tokenizer
+    ids = [encode_prompt(tok, p) for p in prompts]
+    options = dict(max_new_tokens=answer_tokens, stop_ids=[tok.eos_id], batch_size=16)
+    a = generate(smol.model, tok, ids, **options)
+    b = generate(bf16.model, tok, ids, **options)
+    differ = [k for k, (x, y) in enumerate(zip(a, b, strict=True)) if x.token_ids != y.token_ids]
+    print(
+        f"  greedy answers to the {len(ids)} test prompts: {len(differ)} differ between bf16 "
+        f"and fp32 ({len(differ) / len(ids):.0%})"
+    )
+    for k in differ:
+        step, first, second = first_difference(smol, ids[k], a[k].token_ids, b[k].token_ids)
+        print(
+            f"    record {TEST_SPLIT[0] + k}: from step {step}; fp32 top two logits "
+            f"{first:.4f} / {second:.4f} (gap {first - second:.3f})"
+        )
 
 
 if __name__ == "__main__":

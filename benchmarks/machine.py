@@ -15,14 +15,14 @@ def machine_lines() -> list[str]:
     import torch
 
     from instructune.training.metrics import matmul_peak_flops
+    from instructune.utils.devices import cpu_flags
 
-    cpu, flags = platform.processor() or "unknown", set()
+    cpu, flags = platform.processor() or "unknown", cpu_flags()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
+                break
     except OSError:
         pass
     wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")

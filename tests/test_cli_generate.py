@@ -164,3 +164,34 @@ def test_a_sampled_run_resumed_gives_what_one_run_gives(tiny, tmp_path):
     assert resumed == whole
     again = answer_records(tiny, RECORDS, batch_size=4, **options)
     assert again == whole
+
+
+@pytest.mark.parametrize("fast_bf16", [False, True])
+def test_dtype_auto_is_bf16_only_where_the_cpu_computes_it(
+    tiny_dir, tiny, capsys, monkeypatch, fast_bf16
+):
+    """--dtype auto decodes in bf16 on a CPU that lists AVX512-BF16 (a bf16 copy's answer),
+    and in fp32 on one without (this machine's flags are replaced for the test)."""
+    import copy
+
+    from instructune.utils import devices
+
+    flags = {"avx2", "avx512_bf16"} if fast_bf16 else {"avx2"}
+    monkeypatch.setattr(devices, "cpu_flags", lambda: frozenset(flags))
+    assert devices.resolve_dtype("auto", torch.device("cpu")) == (
+        torch.bfloat16 if fast_bf16 else torch.float32
+    )
+    args = ["generate", "--model", str(tiny_dir), "--prompt", "Name a colour.", "--raw",
+            "--max-new-tokens", "6", "--device", "cpu", "--dtype", "auto"]  # fmt: skip
+    assert main(args) == 0
+    model = copy.deepcopy(tiny.model).to(torch.bfloat16 if fast_bf16 else torch.float32)
+    (want,) = generate(model, tiny.tokenizer, ["Name a colour."], max_new_tokens=6)
+    assert capsys.readouterr().out == want.text + "\n"
+
+
+def test_an_unknown_dtype_is_one_clear_line(tiny_dir, capsys):
+    args = ["generate", "--model", str(tiny_dir), "--prompt", "x", "--dtype", "fp8"]
+    assert main(args) != 0
+    assert "--dtype: unknown dtype 'fp8'; choose one of auto, fp32, bf16, fp16" in (
+        capsys.readouterr().err
+    )
