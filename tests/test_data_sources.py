@@ -134,19 +134,19 @@ def test_sha_mismatch_is_rejected_and_nothing_kept(server, monkeypatch):
     assert cache_files() == []
 
 
-def test_the_real_book_pin(shared_data, tmp_path, monkeypatch):
-    book = (shared_data / "instruction-data.json").read_bytes()
-    srv = Server({"/instruction-data.json": book})
+@pytest.mark.parametrize(
+    ("name", "file"),
+    [("book", "instruction-data.json"), ("preference", "instruction-data-with-preference.json")],
+)
+def test_the_real_pins(shared_data, monkeypatch, name, file):
+    """The pinned checksums are those of the book's files (served from 127.0.0.1)."""
+    data = (shared_data / file).read_bytes()
+    srv = Server({"/" + file: data})
     try:
-        pinned = SOURCES["book"]
-        monkeypatch.setitem(
-            SOURCES,
-            "book",
-            NamedSource(
-                "book", srv.url + "/instruction-data.json", pinned.filename, pinned.sha256, ""
-            ),
-        )
-        assert len(load_source("book")) == 1100
+        pinned = SOURCES[name]
+        served = NamedSource(name, f"{srv.url}/{file}", pinned.filename, pinned.sha256, "")
+        monkeypatch.setitem(SOURCES, name, served)
+        assert len(load_source(name)) == 1100
     finally:
         srv.stop()
 
@@ -186,7 +186,9 @@ def test_local_paths_and_unknown_names(fixtures, tmp_path):
     path = fixtures / "instructions-40.json"
     assert resolve_source(str(path)) == path
     assert len(load_source(path)) == 40
-    with pytest.raises(DataError, match="not a known data set \\(book, alpaca, demo\\)"):
+    with pytest.raises(
+        DataError, match="not a known data set \\(book, preference, alpaca, demo\\)"
+    ):
         resolve_source("nonsense")
     with pytest.raises(DataError, match="no such file"):
         load_source(tmp_path / "missing.json")

@@ -87,7 +87,9 @@ class FinetuneConfig(BaseModel):
         description="model shape changes (ModelConfig fields), with --init random",
     )
     data: Text = Field(
-        "demo", description="training data: a .json/.jsonl file, a URL, or book, alpaca, demo"
+        "demo",
+        description="training data: a .json/.jsonl file, a URL, or a named data set (book, "
+        "preference, alpaca, demo)",
     )
     val_data: Text | None = Field(
         None, description="separate validation file (then --data is used whole); none: split"
@@ -235,7 +237,7 @@ class FinetuneConfig(BaseModel):
         """Check every value again; raise ConfigError naming the setting. Returns ``self``."""
         # Assignments are validated already; this also catches an object built without
         # validation (model_construct) and keeps the call sites' contract.
-        _validated(self.to_dict(), source="settings")
+        _validated(self.to_dict(), source="settings", config_class=type(self))
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -248,9 +250,9 @@ class FinetuneConfig(BaseModel):
         return apply_overrides(cls(), data, source=source)
 
 
-def nearest_setting(name: str) -> str:
+def nearest_setting(name: str, config_class: type[FinetuneConfig] | None = None) -> str:
     """The known setting closest to an unknown ``name`` (for "did you mean" hints)."""
-    names = list(FinetuneConfig.model_fields)
+    names = list((config_class or FinetuneConfig).model_fields)
     key = name.lower().replace("-", "_")
     # An abbreviation by initials (learning_rate -> lr) beats spelling similarity.
     initials = "".join(word[0] for word in key.split("_") if word)
@@ -259,16 +261,19 @@ def nearest_setting(name: str) -> str:
     return difflib.get_close_matches(key, names, n=1, cutoff=0.0)[0]
 
 
-def explain(exc: ValidationError, *, source: str) -> str:
+def explain(
+    exc: ValidationError, *, source: str, config_class: type[FinetuneConfig] | None = None
+) -> str:
     """pydantic's errors as one line per problem, each naming the source and the setting."""
-    fields = FinetuneConfig.model_fields
+    config_class = config_class or FinetuneConfig
+    fields = config_class.model_fields
     lines = []
     for error in exc.errors(include_url=False):
         name = str(error["loc"][0]) if error["loc"] else ""
         if error["type"] == "extra_forbidden":
             lines.append(
                 f"{source}: unknown setting '{name}' "
-                f"(the nearest known setting is '{nearest_setting(name)}')"
+                f"(the nearest known setting is '{nearest_setting(name, config_class)}')"
             )
             continue
         if error["type"] == "value_error":  # our validators' own words, without pydantic's tag
@@ -285,11 +290,14 @@ def explain(exc: ValidationError, *, source: str) -> str:
     return "\n".join(lines)
 
 
-def _validated(data: dict[str, Any], *, source: str) -> FinetuneConfig:
+def _validated(
+    data: dict[str, Any], *, source: str, config_class: type[FinetuneConfig] | None = None
+) -> FinetuneConfig:
+    config_class = config_class or FinetuneConfig
     try:
-        return FinetuneConfig.model_validate(data)
+        return config_class.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(explain(exc, source=source)) from None
+        raise ConfigError(explain(exc, source=source, config_class=config_class)) from None
 
 
 # Presets hold only what differs from the model's defaults' meaning for that job.
@@ -344,18 +352,27 @@ def apply_overrides(
     nearest known one) or a bad value.
     """
     data = cfg.to_dict()
+    fields = type(cfg).model_fields
     for name, value in overrides.items():
         key = str(name).replace("-", "_")
         # An unknown name stays as written, so that the error quotes the user's spelling.
-        data[key if key in FinetuneConfig.model_fields else str(name)] = value
-    return _validated(data, source=source)
+        data[key if key in fields else str(name)] = value
+    return _validated(data, source=source, config_class=type(cfg))
 
 
-def preset(name: str) -> FinetuneConfig:
-    """The named preset (``default`` or ``book``) applied to the model's defaults."""
-    if name not in PRESETS:
-        raise ConfigError(f"unknown preset '{name}'; choose one of {', '.join(PRESETS)}")
-    return apply_overrides(FinetuneConfig(), PRESETS[name], source=f"preset '{name}'")
+def presets_of(config_class: type[FinetuneConfig]) -> dict[str, dict[str, Any]]:
+    """The presets of a job's settings: ``PRESETS`` for fine-tuning, ``DPO_PRESETS`` for DPO."""
+    return DPO_PRESETS if issubclass(config_class, DpoConfig) else PRESETS
+
+
+def preset(name: str, config_class: type[FinetuneConfig] | None = None) -> FinetuneConfig:
+    """The named preset (``default`` or ``book``; ``dpo`` for DpoConfig) applied to the
+    defaults of ``config_class`` (FinetuneConfig when None)."""
+    config_class = config_class or FinetuneConfig
+    known = presets_of(config_class)
+    if name not in known:
+        raise ConfigError(f"unknown preset '{name}'; choose one of {', '.join(known)}")
+    return apply_overrides(config_class(), known[name], source=f"preset '{name}'")
 
 
 def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
@@ -383,20 +400,26 @@ def resolve_config(
     preset_name: str | None = None,
     config_file: str | os.PathLike | None = None,
     flags: dict[str, Any] | None = None,
+    config_class: type[FinetuneConfig] | None = None,
 ) -> FinetuneConfig:
-    """Defaults, then a preset, then a YAML file, then flags (only those given)."""
+    """Defaults, then a preset, then a YAML file, then flags (only those given).
+
+    ``config_class`` picks the job (FinetuneConfig when None, DpoConfig for ``dpo``); with
+    no preset named, its first preset applies (``default``; ``dpo``)."""
+    config_class = config_class or FinetuneConfig
+    known = presets_of(config_class)
     file_values: dict[str, Any] = {}
     if config_file is not None:
         file_values = load_yaml(config_file)
         file_preset = file_values.pop("preset", None)
         if preset_name is None and file_preset is not None:
-            if str(file_preset) not in PRESETS:
+            if str(file_preset) not in known:
                 raise ConfigError(
                     f"{config_file}: unknown preset '{file_preset}'; "
-                    f"choose one of {', '.join(PRESETS)}"
+                    f"choose one of {', '.join(known)}"
                 )
             preset_name = str(file_preset)
-    cfg = preset(preset_name or "default")
+    cfg = preset(preset_name or next(iter(known)), config_class)
     if file_values:
         cfg = apply_overrides(cfg, file_values, source=str(config_file))
     if flags:
@@ -418,8 +441,8 @@ def dump_yaml(cfg: FinetuneConfig, path: str | os.PathLike | None = None) -> str
 
 def format_config(cfg: FinetuneConfig, *, base: FinetuneConfig | None = None) -> str:
     """The effective settings, one per line; a ``*`` marks values that differ from ``base``."""
-    base = base or FinetuneConfig()
-    names = list(FinetuneConfig.model_fields)
+    base = base or type(cfg)()
+    names = list(type(cfg).model_fields)
     width = max(len(name) for name in names)
     lines = ["settings:"]
     for name in names:
@@ -427,3 +450,41 @@ def format_config(cfg: FinetuneConfig, *, base: FinetuneConfig | None = None) ->
         mark = "*" if value != getattr(base, name) else " "
         lines.append(f" {mark} {name:<{width}} {value!r}")
     return "\n".join(lines)
+
+
+class DpoConfig(FinetuneConfig):
+    """The settings of one ``instructune dpo`` run: every fine-tuning setting (the same loop,
+    checkpoints, answering and evaluation), plus DPO's ``beta``.
+
+    ``data`` holds preference records (``chosen`` and ``rejected``); the prompt is always
+    masked out of the log-probabilities, so ``mask_instructions`` has no effect here.
+    """
+
+    beta: Real = Field(
+        0.1,
+        gt=0,
+        description="DPO: how far the policy may move from the reference (the book: 0.1)",
+    )
+
+
+# The book's DPO notebook (ch07/04_preference-tuning-with-dpo): AdamW lr 5e-6, weight decay
+# 0.01, batch size 8, 1 epoch, beta 0.1, evaluation every 5 steps on 5 batches, seed 123. It
+# starts from its own chapter-7 model; here the default start is the embedded instruction-tuned
+# SmolLM2, which needs no download.
+DPO_PRESETS: dict[str, dict[str, Any]] = {
+    "dpo": {
+        "model": "smollm2-135m-instruct",
+        "data": "preference",
+        "epochs": 1,
+        "batch_size": 8,
+        "lr": 5e-6,
+        "weight_decay": 0.01,
+        "beta": 0.1,
+        "max_length": 1024,
+        "seed": 123,
+        "eval_every": 5,
+        "eval_batches": 5,
+        "max_new_tokens": 256,
+        "out": "runs/dpo",
+    },
+}

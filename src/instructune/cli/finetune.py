@@ -62,11 +62,13 @@ class _FinetuneParser(argparse.ArgumentParser):
     """
 
     _settings_added = False
+    # Which job's settings: "finetune" or "dpo" (a name: the class would import pydantic).
+    job = "finetune"
 
     def _add_settings_once(self) -> None:
         if not self._settings_added:
             self._settings_added = True
-            add_setting_flags(self)
+            add_setting_flags(self, settings_class(self.job))
 
     def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
         self._add_settings_once()
@@ -96,26 +98,30 @@ def register(subparsers) -> None:
     )
     # add_parser takes no parser class of its own; this one only defers adding arguments.
     p.__class__ = _FinetuneParser
-    g = p.add_argument_group("run")
-    g.add_argument(
-        "--preset",
-        choices=["default", "book"],
-        help="named settings: default (the embedded SmolLM2 on the demo data) or book "
+    add_run_options(
+        p,
+        presets=["default", "book"],
+        preset_help="named settings: default (the embedded SmolLM2 on the demo data) or book "
         "(the book's gpt2-medium run) (default: default)",
+        resume_help="continue the run in DIR from its last checkpoint; a larger --epochs or "
+        "--max-steps extends it, even when it has finished",
     )
+    p.set_defaults(func=run)
+
+
+def add_run_options(
+    p: argparse.ArgumentParser, *, presets: list[str], preset_help: str, resume_help: str
+) -> None:
+    """The "run" group of a training job: --preset, --config, --print-config, --resume."""
+    g = p.add_argument_group("run")
+    g.add_argument("--preset", choices=presets, help=preset_help)
     g.add_argument(
         "--config", metavar="FILE.yaml", help="settings file (keys as the flags, with _)"
     )
     g.add_argument(
         "--print-config", action="store_true", help="print the settings as YAML and exit"
     )
-    g.add_argument(
-        "--resume",
-        metavar="DIR",
-        help="continue the run in DIR from its last checkpoint; a larger --epochs or "
-        "--max-steps extends it, even when it has finished",
-    )
-    p.set_defaults(func=run)
+    g.add_argument("--resume", metavar="DIR", help=resume_help)
 
 
 def _value_kind(annotation: Any) -> tuple[type, list[str], bool]:
@@ -158,13 +164,22 @@ def _shown(value: Any) -> str:
     return str(value)
 
 
-def add_setting_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per FinetuneConfig setting, grouped as in the model, help from its field."""
-    from instructune.config import FinetuneConfig, preset
+def settings_class(job: str) -> type:
+    """The settings model of a job: FinetuneConfig, or DpoConfig for ``dpo``."""
+    from instructune.config import DpoConfig, FinetuneConfig
 
-    shown = preset("default")
+    return DpoConfig if job == "dpo" else FinetuneConfig
+
+
+def add_setting_flags(parser: argparse.ArgumentParser, config_class: type | None = None) -> None:
+    """One flag per setting of ``config_class`` (FinetuneConfig when None), grouped as in the
+    model, help from its field; the defaults shown are the job's first preset's."""
+    from instructune.config import FinetuneConfig, preset, presets_of
+
+    config_class = config_class or FinetuneConfig
+    shown = preset(next(iter(presets_of(config_class))), config_class)
     group: Any = parser
-    for name, info in FinetuneConfig.model_fields.items():
+    for name, info in config_class.model_fields.items():
         if name in GROUPS:
             group = parser.add_argument_group(GROUPS[name])
         kind, choices, optional = _value_kind(info.annotation)
@@ -183,11 +198,12 @@ def add_setting_flags(parser: argparse.ArgumentParser) -> None:
         group.add_argument(*flags, type=value_type, metavar=metavar, **common)
 
 
-def _flags(args: argparse.Namespace) -> dict[str, Any]:
+def _flags(args: argparse.Namespace, config_class: type | None = None) -> dict[str, Any]:
     """The settings given on the command line (and only those)."""
     from instructune.config import FinetuneConfig
 
-    flags = {k: v for k, v in vars(args).items() if k in FinetuneConfig.model_fields}
+    fields = (config_class or FinetuneConfig).model_fields
+    flags = {k: v for k, v in vars(args).items() if k in fields}
     if "model_overrides" in flags:
         from instructune.pipeline import parse_overrides
 
@@ -234,7 +250,9 @@ def _check_longer_end(cfg, changes: dict[str, Any], run_dir: Path) -> None:
         )
 
 
-def _resume_config(args: argparse.Namespace, flags: dict[str, Any]):
+def _resume_config(
+    args: argparse.Namespace, flags: dict[str, Any], config_class: type | None = None
+):
     """The run's own settings, with the few flags that may change on --resume applied."""
     from instructune.config import ConfigError, apply_overrides
     from instructune.pipeline import load_run_config
@@ -246,7 +264,7 @@ def _resume_config(args: argparse.Namespace, flags: dict[str, Any]):
         raise ConfigError(
             f"--resume continues a run with its own settings; only {allowed} may change (got {got})"
         )
-    cfg = load_run_config(args.resume)
+    cfg = load_run_config(args.resume, *([config_class] if config_class else []))
     changes = {k: v for k, v in flags.items() if k != "out"}
     if "epochs" in changes and "max_steps" not in changes and cfg.max_steps is not None:
         # The run stopped at its --max-steps, which overrides --epochs: asking for epochs now

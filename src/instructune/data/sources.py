@@ -1,6 +1,8 @@
-"""Where instruction data comes from: local files, URLs (downloaded once) and three names.
+"""Where instruction data comes from: local files, URLs (downloaded once) and four names.
 
 * ``book``: the 1,100 records of the book's chapter 7 (sha256 pinned and verified).
+* ``preference``: the same records with ``chosen`` and ``rejected`` responses, for ``dpo``
+  (the book's chapter-7 bonus material; sha256 pinned).
 * ``alpaca``: Stanford Alpaca's 52k records.
 * ``demo``: 300+ records written for instructune, shipped inside the package (no download).
 
@@ -55,6 +57,14 @@ SOURCES: dict[str, NamedSource] = {
         "book-instruction-data.json",
         "7e09a9af353722ca15c18bc580f093f9c39d3178335a75177319cb1e1d163944",
         "the 1,100 records of the book's chapter 7 (Apache-2.0)",
+    ),
+    "preference": NamedSource(
+        "preference",
+        "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/"
+        "04_preference-tuning-with-dpo/instruction-data-with-preference.json",
+        "instruction-data-with-preference.json",
+        "305315abf14f65fa42c01a0877572f832606571c2a7d49f152ac1d758b16756e",
+        "the book's 1,100 records with chosen and rejected responses, for dpo (Apache-2.0)",
     ),
     "alpaca": NamedSource(
         "alpaca",

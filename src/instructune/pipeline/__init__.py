@@ -23,6 +23,8 @@ Modules, one job each:
   ``evaluate_outputs``).
 - ``finetune``: ``run_finetune`` itself, as its stages: ``start`` -> ``set_up`` -> ``train`` ->
   ``save`` -> ``answer`` -> ``evaluate``, each a function of the ``Run`` state.
+- ``dpo``: ``run_dpo``, preference tuning on the same stages, with preference pairs, the
+  reference's cached log-probabilities and the DPO objective handed to them.
 
 Importing this package does not import torch; each job imports it when it runs.
 """
@@ -30,6 +32,7 @@ Importing this package does not import torch; each job imports it when it runs.
 from __future__ import annotations
 
 from instructune.pipeline.data import build_loop_data, load_splits
+from instructune.pipeline.dpo import run_dpo
 from instructune.pipeline.finetune import loop_settings, run_finetune
 from instructune.pipeline.model import (
     load_for_training,
@@ -67,5 +70,6 @@ __all__ = [
     "prompt_date_of",
     "resolve_max_length",
     "resolve_precision",
+    "run_dpo",
     "run_finetune",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from instructune.config import FinetuneConfig
@@ -56,8 +57,6 @@ def build_loop_data(
     """
     from instructune.data.collate import make_collate
     from instructune.data.dataset import tokenize_records
-    from instructune.data.sampling import batch_order
-    from instructune.training.loop import LoopData
 
     train_items = tokenize_records(train_records, tokenizer, style)
     val_items = tokenize_records(val_records, tokenizer, style)
@@ -66,6 +65,22 @@ def build_loop_data(
         max_length=cfg.max_length if max_length is None else max_length,
         mask_prompt=cfg.mask_instructions,
     )
+    return batched_loop_data(cfg, train_items, val_items, collate, world_size)
+
+
+def batched_loop_data(
+    cfg: FinetuneConfig,
+    train_items: list,
+    val_items: list,
+    collate: Callable,
+    world_size: int = 1,
+) -> LoopData:
+    """``LoopData`` over tokenised items (records, or DPO's pairs): each epoch's global batches
+    from the pure ``batch_order`` (shuffled or length-grouped, the last incomplete one
+    dropped), the validation batches in file order."""
+    from instructune.data.sampling import batch_order
+    from instructune.training.loop import LoopData
+
     lengths = [len(item) for item in train_items]
     records_per_step = global_batch(cfg, world_size)
 

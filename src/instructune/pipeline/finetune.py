@@ -95,6 +95,10 @@ class Run:
     started: float  # time.perf_counter() at the start
     timings: dict[str, float] = field(default_factory=dict)
     lora_base: str | None = None  # a LoRA run: the base its adapter names (set_up sets it)
+    # What the loop minimises (None: the supervised token loss), and what a job adds to
+    # run.json (DPO: its reference log-probabilities).
+    objective: Any = None
+    job_info: dict[str, Any] = field(default_factory=dict)
 
     loaded: LoadedModel = field(init=False)  # prompt_format: the run's, saved with the model
     style: str = field(init=False)
@@ -176,15 +180,27 @@ def start(
 # ------------------------------------------------------------------------------ set_up
 
 
-def set_up(run: Run) -> None:
+def set_up(
+    run: Run,
+    *,
+    load_data: Callable[[FinetuneConfig], tuple[list, list, list]] = load_splits,
+    make_data: Callable[[Run, int], LoopData] | None = None,
+) -> None:
     """Data, model, tokenised batches and optimizer; on resume, the checkpoint restored.
 
     Writes run.json (status "running"). Raises ConfigError for a ``max_length`` longer than
-    the model's context, before any tokenising or training.
+    the model's context, before any tokenising or training. Another job (DPO) passes its own
+    ``load_data`` (config -> train, val, test records) and ``make_data`` (the run with its
+    model and records, and the max length -> the loop's data); both run before a checkpoint
+    is restored, on the starting weights.
     """
     import torch
 
-    from instructune.data.prompts import prompt_format_for, system_turn_notice
+    from instructune.data.prompts import (
+        multi_turn_notice,
+        prompt_format_for,
+        system_turn_notice,
+    )
     from instructune.training.loop import make_optimizer
     from instructune.training.metrics import environment
     from instructune.training.state import TrainProgress, seed_everything
@@ -194,7 +210,7 @@ def set_up(run: Run) -> None:
     # Every rank starts from the same seed, so random initial weights agree before DDP copies
     # rank 0's; afterwards the other ranks switch to their own stream (their dropout masks).
     seed_everything(cfg.seed)
-    run.train_records, run.val_records, run.test_records = load_splits(cfg)
+    run.train_records, run.val_records, run.test_records = load_data(cfg)
     loaded = load_for_training(cfg, run.device)
     # Before the processes' streams part: every rank draws the same adapter init.
     lora_info = _apply_lora(run, loaded)
@@ -210,24 +226,30 @@ def set_up(run: Run) -> None:
         f"{len(run.test_records)} test records; model {loaded.source} ({n_params / 1e6:.1f}M "
         f"parameters; weights: {loaded.weights}), style {run.style}, max length {max_length}"
     )
-    notice = system_turn_notice(run.train_records, run.style)
-    if notice is not None and info.is_main:
-        _warn(notice)
+    for notice in (
+        system_turn_notice(run.train_records, run.style),
+        multi_turn_notice(run.train_records, run.style),
+    ):
+        if notice is not None and info.is_main:
+            _warn(notice)
 
     t0 = time.perf_counter()
     # Answers and samples are prompted as the saved model will be: with the run's format.
     run.loaded = dataclasses.replace(
         loaded, prompt_format=prompt_format_for(loaded.tokenizer, run.style)
     )
-    run.data = build_loop_data(
-        cfg,
-        loaded.tokenizer,
-        run.style,
-        run.train_records,
-        run.val_records,
-        info.world_size,
-        max_length=max_length,
-    )
+    if make_data is not None:
+        run.data = make_data(run, max_length)
+    else:
+        run.data = build_loop_data(
+            cfg,
+            loaded.tokenizer,
+            run.style,
+            run.train_records,
+            run.val_records,
+            info.world_size,
+            max_length=max_length,
+        )
     run.timings["tokenize_s"] = time.perf_counter() - t0
 
     if cfg.activation_checkpointing:
@@ -259,6 +281,7 @@ def set_up(run: Run) -> None:
         "environment": environment(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "resumed_from": None,
+        **run.job_info,
     }
     if run.resume:
         _restore(run)
@@ -373,7 +396,8 @@ def _restore(run: Run) -> None:
             f"{run.total_steps}, and a run cannot be shortened. Set epochs/max_steps to end at "
             f"step {progress.step} or later (or use the model it saved: --model {out})"
         )
-    old_cfg = FinetuneConfig.from_dict(run.previous.get("config", {}), source=str(out / RUN_FILE))
+    config_class = type(run.cfg)
+    old_cfg = config_class.from_dict(run.previous.get("config", {}), source=str(out / RUN_FILE))
     old_end = _last_step(old_cfg, len(run.data.order(0)))
     run.progress = progress
     run.run_info["started"] = run.previous.get("started", run.run_info["started"])
@@ -444,6 +468,7 @@ def train(run: Run) -> dict[str, Any]:
             scaler=run.scaler,
             compile_model=cfg.compile,
             on_epoch_end=(lambda epoch: _sample(run, epoch)) if cfg.sample_every_epoch else None,
+            objective=run.objective,
         )
         run.timings["train_s"] = time.perf_counter() - t0
     except (TrainingDiverged, TrainingInterrupted) as exc:
@@ -473,31 +498,25 @@ def train(run: Run) -> dict[str, Any]:
 
 
 def _initial_losses(run: Run, metrics: Any) -> None:
-    """The book prints the losses before training (on ``eval_batches`` batches each)."""
-    from instructune.training.loop import eval_batches_from, evaluate_loss
+    """The book prints the losses before training (on ``eval_batches`` batches each), with
+    the run's objective (DPO: ln 2 and a margin of 0, the policy being the reference)."""
+    from instructune.training.loop import SupervisedObjective, eval_batches_from, eval_record
 
     cfg, data = run.cfg, run.data
+    objective = run.objective or SupervisedObjective()
     t0 = time.perf_counter()
     first_train = eval_batches_from(data.order(0), cfg.batch_size, cfg.eval_batches)
     first_val = data.val_batches[: cfg.eval_batches]
     kw = dict(device=run.device, precision=run.precision, info=run.info)
-    train_loss = evaluate_loss(run.loaded.model, data.items, first_train, data.collate, **kw)
-    val_loss = evaluate_loss(run.loaded.model, data.val_items, first_val, data.collate, **kw)
+    model = run.loaded.model
+    train_m = objective.evaluate(model, data.items, first_train, data.collate, **kw)
+    val_m = objective.evaluate(model, data.val_items, first_val, data.collate, **kw)
     run.timings["initial_eval_s"] = time.perf_counter() - t0
-    run.say("Training loss: " + ("n/a" if train_loss is None else f"{train_loss:.4f}"))
-    run.say("Validation loss: " + ("n/a" if val_loss is None else f"{val_loss:.4f}"))
-    metrics.write(
-        {
-            "kind": "eval",
-            "step": 0,
-            "epoch": 0.0,
-            "tokens_seen": 0,
-            "train_loss": train_loss,
-            "val_loss": val_loss,
-            "lr": cfg.lr,
-            "tokens_per_s": 0.0,
-        }
-    )
+    for name in train_m:
+        label = "loss" if name == "loss" else name.replace("_", " ")
+        for where, value in (("Training", train_m[name]), ("Validation", val_m[name])):
+            run.say(f"{where} {label}: " + ("n/a" if value is None else f"{value:.4f}"))
+    metrics.write(eval_record(0, 0.0, 0, train_m, val_m, lr=cfg.lr, tokens_per_s=0.0))
 
 
 def _sample(run: Run, epoch: int) -> None:
@@ -565,6 +584,11 @@ def evaluate(run: Run, summary: dict[str, Any], responses: list[dict]) -> None:
     t0 = time.perf_counter()
     summary["evaluation"] = evaluate_outputs(run.cfg, responses, run.out, run.say)
     run.timings["evaluate_s"] = time.perf_counter() - t0
+    finish(run, summary)
+
+
+def finish(run: Run, summary: dict[str, Any]) -> None:
+    """The final run.json (status "finished", timings, peak memory, results) and model card."""
     run.timings["total_s"] = time.perf_counter() - run.started
     timings = {k: round(v, 3) for k, v in run.timings.items()}
     run.run_info.update(

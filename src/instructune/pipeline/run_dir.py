@@ -45,8 +45,11 @@ def prepare_run_dir(out: Path, *, overwrite: bool, resume: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def load_run_config(run_dir: str | os.PathLike) -> FinetuneConfig:
-    """The settings a run was started with (from its run.json), for ``--resume``."""
+def load_run_config(
+    run_dir: str | os.PathLike, config_class: type[FinetuneConfig] = FinetuneConfig
+) -> FinetuneConfig:
+    """The settings a run was started with (from its run.json), for ``--resume``
+    (``config_class``: the job's settings, DpoConfig for a DPO run)."""
     import json
 
     path = Path(run_dir) / RUN_FILE
@@ -54,7 +57,7 @@ def load_run_config(run_dir: str | os.PathLike) -> FinetuneConfig:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise RunDirError(f"cannot read {path} to resume the run: {exc}") from None
-    cfg = FinetuneConfig.from_dict(data.get("config", {}), source=str(path))
+    cfg = config_class.from_dict(data.get("config", {}), source=str(path))
     cfg.out = str(run_dir)
     return cfg
 

@@ -5,6 +5,10 @@ Per optimizer step the loop takes one *global* batch of record indices (the pure
 ``grad_accum x world_size`` micro-batches, and divides every token's loss by the number of
 supervised tokens in the whole global batch (counted first, summed over processes). The update
 is then the one a single batch of the same records would give, whatever the split.
+
+What is minimised is pluggable (an :class:`Objective`): by default the supervised token loss
+above (:class:`SupervisedObjective`); ``training.dpo.DpoObjective`` is DPO's per-pair loss,
+averaged over the pairs of the global batch in the same way.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -58,6 +62,60 @@ class LoopData:
     collate: Callable[[list[Any]], Batch]
     order: Callable[[int], list[list[int]]]
     val_batches: list[list[int]]
+
+
+class Objective(Protocol):
+    """What the loop minimises and reports. A batch is whatever ``LoopData.collate`` returns
+    (a tuple of CPU tensors); the loop moves each tensor to the device.
+
+    - ``loss_module(model)``: an ``nn.Module`` holding ``model`` (so DDP can wrap the pair)
+      whose ``forward(*batch, grad_scale=...)`` returns the batch's summed loss (a 0-d tensor).
+    - ``sizes(batch)``: ``(units, supervised tokens, positions)``; the step's loss is the sum
+      of the batches' sums divided by the units of the whole global batch.
+    - ``evaluate(model, items, batches, collate, device=, precision=, info=)``: a dict of
+      measures (``loss`` at least; None when no batch has anything to measure), logged as
+      ``train_<name>`` and ``val_<name>``.
+    - ``describe(train, val)``: the progress line's measures.
+    """
+
+    def loss_module(self, model: nn.Module) -> nn.Module: ...
+
+    def sizes(self, batch: tuple[torch.Tensor, ...]) -> tuple[int, int, int]: ...
+
+    def evaluate(
+        self,
+        model: nn.Module,
+        items: Sequence[Any],
+        batches: list[list[int]],
+        collate: Callable[[list[Any]], tuple[torch.Tensor, ...]],
+        *,
+        device: torch.device,
+        precision: str,
+        info: dist.DistInfo,
+    ) -> dict[str, float | None]: ...
+
+    def describe(self, train: dict[str, float | None], val: dict[str, float | None]) -> str: ...
+
+
+class SupervisedObjective:
+    """The fine-tuning loss: the mean over supervised tokens (finetune's objective)."""
+
+    def loss_module(self, model: nn.Module) -> nn.Module:
+        return SupervisedLoss(model)
+
+    def sizes(self, batch: tuple[torch.Tensor, ...]) -> tuple[int, int, int]:
+        inputs, targets = batch
+        count = int((targets != IGNORE_INDEX).sum())
+        return count, count, inputs.numel()
+
+    def evaluate(self, model, items, batches, collate, *, device, precision, info):
+        loss = evaluate_loss(
+            model, items, batches, collate, device=device, precision=precision, info=info
+        )
+        return {"loss": loss}
+
+    def describe(self, train: dict[str, float | None], val: dict[str, float | None]) -> str:
+        return f"Train loss {_loss_text(train['loss'])}, Val loss {_loss_text(val['loss'])}"
 
 
 @dataclass
@@ -179,6 +237,30 @@ def _loss_text(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
+def eval_record(
+    step: int,
+    epoch: float,
+    tokens_seen: int,
+    train: dict[str, float | None],
+    val: dict[str, float | None],
+    *,
+    lr: float,
+    tokens_per_s: float,
+) -> dict[str, Any]:
+    """metrics.jsonl's ``eval`` record: each measure as ``train_<name>`` and ``val_<name>``."""
+    record: dict[str, Any] = {
+        "kind": "eval",
+        "step": step,
+        "epoch": epoch,
+        "tokens_seen": tokens_seen,
+    }
+    for name in train:
+        record[f"train_{name}"] = train[name]
+        record[f"val_{name}"] = val.get(name)
+    record.update(lr=lr, tokens_per_s=tokens_per_s)
+    return record
+
+
 class _StopFlag:
     """Set by SIGINT: the loop stops at the end of the current step and saves a checkpoint.
 
@@ -218,6 +300,7 @@ def train(
     compile_model: bool = False,
     on_epoch_end: Callable[[int], None] | None = None,
     checkpoint_extra: Callable[[], dict[str, Any]] | None = None,
+    objective: Objective | None = None,
 ) -> TrainResult:
     """Train ``model`` from ``progress`` (a fresh or restored state) to the last step.
 
@@ -225,16 +308,18 @@ def train(
     after it (the book's cadence) and at the last step; saves checkpoints every
     ``checkpoint_every`` steps and at the end (``run_dir`` given, main process only). Raises
     TrainingDiverged on a NaN/inf loss (no checkpoint is written from that state) and
-    TrainingInterrupted after saving a checkpoint on Ctrl-C.
+    TrainingInterrupted after saving a checkpoint on Ctrl-C. ``objective`` is what is
+    minimised and evaluated (default: the supervised token loss).
     """
     from tqdm.auto import tqdm
 
+    objective = objective or SupervisedObjective()
     info = info or dist.DistInfo()
     progress = progress or TrainProgress()
     metrics = metrics or MetricsLog(None)
     s = settings
     raw_model = model
-    loss_module: nn.Module = dist.wrap(SupervisedLoss(model), info, device)
+    loss_module: nn.Module = dist.wrap(objective.loss_module(model), info, device)
     if compile_model:
         loss_module = torch.compile(loss_module)
     parts = s.grad_accum * info.world_size
@@ -278,35 +363,21 @@ def train(
 
     def run_eval() -> None:
         train_batches = eval_batches_from(data.order(progress.epoch), s.batch_size, s.eval_batches)
-        train_loss = evaluate_loss(
-            raw_model,
-            data.items,
-            train_batches,
-            data.collate,
-            device=device,
-            precision=s.precision,
-            info=info,
-        )
-        val_loss = evaluate_loss(
-            raw_model,
-            data.val_items,
-            data.val_batches[: s.eval_batches],
-            data.collate,
-            device=device,
-            precision=s.precision,
-            info=info,
-        )
+        kw = dict(device=device, precision=s.precision, info=info)
+        train_m = objective.evaluate(raw_model, data.items, train_batches, data.collate, **kw)
+        val_batches = data.val_batches[: s.eval_batches]
+        val_m = objective.evaluate(raw_model, data.val_items, val_batches, data.collate, **kw)
+        train_loss, val_loss = train_m["loss"], val_m["loss"]
         progress.last_train_loss, progress.last_val_loss = train_loss, val_loss
-        record = {
-            "kind": "eval",
-            "step": progress.step,
-            "epoch": round(epoch_float(), 6),
-            "tokens_seen": progress.tokens_seen,
-            "train_loss": train_loss,
-            "val_loss": val_loss,
-            "lr": lr_for(max(progress.step - 1, 0)),
-            "tokens_per_s": round(throughput.supervised_per_s, 2),
-        }
+        record = eval_record(
+            progress.step,
+            round(epoch_float(), 6),
+            progress.tokens_seen,
+            train_m,
+            val_m,
+            lr=lr_for(max(progress.step - 1, 0)),
+            tokens_per_s=round(throughput.supervised_per_s, 2),
+        )
         history.append(record)
         metrics.write(record)
         if val_loss is not None and (
@@ -316,7 +387,7 @@ def train(
         if not s.quiet and info.is_main:
             bar.write(
                 f"Ep {max(1, math.ceil(epoch_float()))} (Step {progress.step:06d}): "
-                f"Train loss {_loss_text(train_loss)}, Val loss {_loss_text(val_loss)}"
+                + objective.describe(train_m, val_m)
             )
 
     def checkpoint() -> None:
@@ -357,10 +428,11 @@ def train(
                 micro = split_global_batch(batch, parts)
                 mine = micro[info.rank * s.grad_accum : (info.rank + 1) * s.grad_accum]
                 batches = [data.collate([data.items[i] for i in m]) for m in mine if m]
-                counts = [int((t != IGNORE_INDEX).sum()) for _, t in batches]
-                positions = sum(x.numel() for x, _ in batches)
-                global_count, global_positions = dist.sum_ints(
-                    [sum(counts), positions], info, device
+                sizes = [objective.sizes(b) for b in batches]
+                global_count, global_supervised, global_positions = dist.sum_ints(
+                    [sum(col) for col in zip(*sizes, strict=True)] if sizes else [0, 0, 0],
+                    info,
+                    device,
                 )
                 lr = lr_for(progress.step)
                 for group in optimizer.param_groups:
@@ -373,13 +445,12 @@ def train(
                 # DDP averages gradients over processes; scale by world_size so that the sum
                 # over processes of (local loss sum / global count) is what is differentiated.
                 scale = info.world_size / max(global_count, 1)
-                for k, (inputs, targets) in enumerate(batches):
+                for k, batch_tensors in enumerate(batches):
                     last = k == len(batches) - 1
                     with dist.no_sync(loss_module, skip=not last):
                         with autocast_context(device, s.precision):
                             loss_sum = loss_module(
-                                inputs.to(device, non_blocking=True),
-                                targets.to(device, non_blocking=True),
+                                *(t.to(device, non_blocking=True) for t in batch_tensors),
                                 grad_scale=scale,
                             )
                         loss = loss_sum * scale
@@ -405,7 +476,7 @@ def train(
                 else:
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                throughput.stop(supervised=global_count, positions=global_positions)
+                throughput.stop(supervised=global_supervised, positions=global_positions)
 
                 progress.step += 1
                 progress.batches_done += 1

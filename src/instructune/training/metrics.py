@@ -6,7 +6,10 @@
   "tokens_per_s", "elapsed_s"}`` after every optimizer step (``loss``: that step's mean loss
   per supervised token; ``tokens_per_s``: supervised tokens per second of training so far);
 - ``{"kind": "eval", "step", "epoch", "tokens_seen", "train_loss", "val_loss", "lr",
-  "tokens_per_s"}`` at every evaluation (the book's ``train_losses`` / ``val_losses``).
+  "tokens_per_s"}`` at every evaluation (the book's ``train_losses`` / ``val_losses``). Each
+  measure of the run's objective is logged as ``train_<name>`` and ``val_<name>``: DPO adds
+  ``chosen_reward``, ``rejected_reward``, ``margin`` and ``accuracy`` to ``loss`` (the step
+  records' ``loss`` is then the mean per-pair DPO loss).
 
 ``epoch`` is fractional (1.5 = half-way through the second epoch), as the book's plot.
 """

@@ -1,4 +1,7 @@
-"""The book's loss figure (7.6): train and validation loss against epochs, tokens seen on top."""
+"""The book's loss figure (7.6): train and validation loss against epochs, tokens seen on top.
+
+The same figure serves any measure the evaluations log as ``train_<m>`` / ``val_<m>`` (DPO's
+reward margin, as the book's DPO notebook plots it)."""
 
 from __future__ import annotations
 
@@ -8,9 +11,15 @@ from typing import Any
 
 
 def plot_losses(
-    records: list[dict[str, Any]], out_dir: str | os.PathLike, *, name: str = "loss"
+    records: list[dict[str, Any]],
+    out_dir: str | os.PathLike,
+    *,
+    name: str = "loss",
+    measure: str = "loss",
+    label: str = "Loss",
 ) -> list[Path]:
-    """Write ``loss.png`` and ``loss.pdf`` from the ``eval`` records of metrics.jsonl.
+    """Write ``<name>.png`` and ``<name>.pdf`` from the ``eval`` records of metrics.jsonl:
+    ``train_<measure>`` and ``val_<measure>`` (``label`` on the axis and in the legend).
 
     The bottom axis is epochs seen, the top axis the tokens seen at the same points (the two
     grow together, so one line on the bottom axis carries both scales). Returns the paths.
@@ -22,14 +31,16 @@ def plot_losses(
 
     from instructune.utils.io import atomic_write_bytes
 
-    evals = [r for r in records if r.get("kind") == "eval" and r.get("train_loss") is not None]
+    train_key, val_key = f"train_{measure}", f"val_{measure}"
+    evals = [r for r in records if r.get("kind") == "eval" and r.get(train_key) is not None]
     epochs = [r["epoch"] for r in evals]
     tokens = [r["tokens_seen"] for r in evals]
     fig, ax = plt.subplots(figsize=(5, 3))
-    ax.plot(epochs, [r["train_loss"] for r in evals], label="Training loss")
-    ax.plot(epochs, [r["val_loss"] for r in evals], linestyle="-.", label="Validation loss")
+    lower = label[:1].lower() + label[1:]
+    ax.plot(epochs, [r[train_key] for r in evals], label=f"Training {lower}")
+    ax.plot(epochs, [r.get(val_key) for r in evals], linestyle="-.", label=f"Validation {lower}")
     ax.set_xlabel("Epochs")
-    ax.set_ylabel("Loss")
+    ax.set_ylabel(label)
     ax.legend(loc="upper right")
     if len(evals) >= 2 and epochs[-1] > epochs[0]:
         top = ax.twiny()
