@@ -14,6 +14,12 @@ configuration runs in its own process, so its ru_maxrss is its own.
 Note: the fused loss computes the output head's gradient during the forward pass, so part of
 what is "backward" in a textbook loop shows up under "forward" here.
 
+For gpt2 in fp32 it also runs the reference in the same invocation, on the same batches:
+transformers' ``GPT2LMHeadModel`` (eager attention, ``F.cross_entropy`` on the full logits,
+``torch.optim.AdamW``), and prints ours/transformers. With ``--profile``, one line per
+configuration gives the share of self CPU time in matmuls, attention, normalisation,
+activations, the fused loss, the optimizer and the rest.
+
     python benchmarks/training.py --quick                 # gpt2, few steps
     python benchmarks/training.py                         # gpt2 + embedded, fp32 + bf16
     python benchmarks/training.py --memory                # gpt2-medium, the longest batches
@@ -65,8 +71,99 @@ def _batches(loaded, data: Path, batch_size: int, grouped: bool, max_length: int
     return items, val_items, collate, order
 
 
+# Where a training step's time goes: each op's self CPU time, by the region it ran in (the fused
+# loss and the optimizer step are labelled regions) or else by what the op is.
+PROFILE_CATEGORIES = {
+    "matmuls": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul"),
+    "attention": ("scaled_dot_product", "flash_attention", "aten::_softmax", "efficient_attention"),
+    "normalisation": ("layer_norm", "rms_norm", "aten::rsqrt", "aten::pow", "aten::mean"),
+    "activations": ("gelu", "silu", "aten::tanh", "aten::sigmoid"),
+}
+
+
+def profile_shares(events) -> dict[str, float]:
+    """Seconds of self CPU time per category: fused loss, optimizer, matmuls, attention,
+    normalisation, activations, the rest."""
+    totals: dict[str, float] = {}
+    for e in events:
+        if not e.name.startswith("aten::"):
+            continue
+        region, parent = None, e.cpu_parent
+        while parent is not None and region is None:
+            if parent.name == "fused_loss":
+                region = "fused loss"
+            elif parent.name.startswith("Optimizer.step"):
+                region = "optimizer"
+            parent = parent.cpu_parent
+        if region is None:
+            region = next(
+                (c for c, keys in PROFILE_CATEGORIES.items() if any(k in e.name for k in keys)),
+                "rest",
+            )
+        totals[region] = totals.get(region, 0.0) + e.self_cpu_time_total / 1e6
+    return totals
+
+
+def _label_loss_region() -> None:
+    """Run the fused loss inside a profiler region named ``fused_loss`` (this process only)."""
+    import torch
+
+    from instructune.training import loss
+
+    plain = loss.linear_cross_entropy_sum
+
+    def labelled(*args, **kwargs):
+        with torch.profiler.record_function("fused_loss"):
+            return plain(*args, **kwargs)
+
+    loss.linear_cross_entropy_sum = labelled
+
+
+def run_transformers(spec: dict) -> dict:
+    """The reference: transformers' ``GPT2LMHeadModel`` (eager attention, GPT-2 small shape,
+    dropout 0 as the book's chapter 7), ``F.cross_entropy`` on the full logits and
+    ``torch.optim.AdamW`` (lr 5e-5, weight decay 0.1), on the same batches as ours."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from instructune.training.loss import IGNORE_INDEX
+
+    torch.set_num_threads(spec["threads"])
+    torch.manual_seed(123)
+    loaded = _load("gpt2")  # the tokenizer and batches only
+    config = GPT2Config(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = GPT2LMHeadModel._from_config(config, attn_implementation="eager").train()
+    del loaded.model
+    items, _val, collate, order = _batches(
+        loaded, Path(spec["data"]), spec["batch_size"], spec["grouped"], spec["max_length"]
+    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.1)
+    seconds = 0.0
+    positions = supervised = 0
+    for n, batch in enumerate(order[: spec["steps"] + 1]):
+        t0 = time.perf_counter()
+        inputs, targets = collate([items[i] for i in batch])
+        logits = model(input_ids=inputs).logits
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if n > 0:  # the first step warms up
+            seconds += time.perf_counter() - t0
+            positions += inputs.numel()
+            supervised += int((targets != IGNORE_INDEX).sum())
+    return {
+        "positions_per_s": positions / seconds,
+        "supervised_per_s": supervised / seconds,
+        "peak_rss_bytes": __import__("resource").getrusage(0).ru_maxrss * 1024,
+    }
+
+
 def run_one(spec: dict) -> dict:
     """Time ``spec["steps"]`` optimizer steps of one configuration; return the figures."""
+    if spec.get("transformers"):
+        return run_transformers(spec)
     import torch
 
     from instructune.training.loop import autocast_context, evaluate_loss, make_optimizer
@@ -79,10 +176,14 @@ def run_one(spec: dict) -> dict:
     )
 
     torch.set_num_threads(spec["threads"])
+    if spec.get("profile"):
+        _label_loss_region()
     loaded = _load(spec["model"])
     model = loaded.model
     model.train()
     model.gradient_checkpointing = spec.get("checkpointing", False)
+    if spec.get("no_packing"):
+        model.packs_sequences = False  # padded batches, as before packing
     items, val_items, collate, order = _batches(
         loaded, Path(spec["data"]), spec["batch_size"], spec["grouped"], spec["max_length"]
     )
@@ -127,12 +228,14 @@ def run_one(spec: dict) -> dict:
             times["optimizer"] += t4 - t3
             positions += inputs.numel()
             supervised += count
+    shares = None
     if profiler is not None:
         profiler.__exit__(None, None, None)
         print(
             profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=15),
             file=sys.stderr,
         )
+        shares = profile_shares(profiler.events())
     steps = len(batches) - 1
     total = sum(times.values())
     val_batches = [
@@ -165,6 +268,7 @@ def run_one(spec: dict) -> dict:
         "mfu": supervised_mfu(n_params, supervised / total, peak32),
         "val_loss": val_loss,
         "longest_batch_positions": max(len(items[i]) for i in batches[0]) * len(batches[0]),
+        "profile_shares": shares,
     }
 
 
@@ -179,7 +283,18 @@ def _child(spec: dict) -> dict:
         raise SystemExit(f"configuration {spec} failed:\n{result.stderr[-3000:]}")
     if spec.get("profile"):
         print(result.stderr)
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    r = json.loads(result.stdout.strip().splitlines()[-1])
+    if r.get("profile_shares"):  # absent for transformers' reference
+        shares = r["profile_shares"]
+        total = sum(shares.values())
+        order = ("matmuls", "attention", "normalisation", "activations", "fused loss")
+        parts = [f"{k} {shares.get(k, 0.0) / total:.0%}" for k in (*order, "optimizer", "rest")]
+        print(
+            f"profile {spec['model']} {spec['precision']} "
+            f"{'grouped' if spec['grouped'] else 'shuffled'}: self CPU time {total:.1f} s over "
+            f"{r['steps']} steps: " + ", ".join(parts)
+        )
+    return r
 
 
 def _print_row(r: dict) -> None:
@@ -213,6 +328,12 @@ def main(argv: list[str] | None = None) -> int:
         help="--memory: a plain fused AdamW step instead of the step inside backward",
     )
     p.add_argument("--force-bf16", action="store_true", help="run bf16 even on CPUs without it")
+    p.add_argument(
+        "--no-transformers", action="store_true", help="skip transformers' reference (gpt2)"
+    )
+    p.add_argument(
+        "--no-packing", action="store_true", help="train on padded batches (before packing)"
+    )
     p.add_argument("--run-one", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
@@ -262,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads,
         "max_length": args.max_length,
         "profile": args.profile,
+        "no_packing": args.no_packing,
     }
     if args.memory:
         spec = {
@@ -316,6 +438,16 @@ def main(argv: list[str] | None = None) -> int:
                 r = _child(spec)
                 results.append(r)
                 _print_row(r)
+                if model == "gpt2" and precision == "fp32" and not args.no_transformers:
+                    # The reference, in this same invocation, on the same batches.
+                    ref = _child({**spec, "transformers": True, "profile": False})
+                    print(
+                        f"{'  transformers (eager)':<28}{'grouped' if grouped else 'shuffled':<9}"
+                        f"{ref['positions_per_s']:>9.0f} {ref['supervised_per_s']:>9.0f}"
+                        f"{'':>36}{ref['peak_rss_bytes'] / 1e9:>6.2f}   ours/transformers "
+                        f"x{r['supervised_per_s'] / ref['supervised_per_s']:.2f} (target 1.5)",
+                        flush=True,
+                    )
     for model in models:
         for grouped in (False, True):
             pair = {

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -16,6 +18,7 @@ from instructune.models.layers import (
     build_attention_mask,
     linear,
     new_kv_cache,
+    packed_positions,
     run_blocks,
 )
 
@@ -27,6 +30,9 @@ class GPT2Model(nn.Module):
     ff.fc|ff.proj``, ``final_norm``, and ``out_head`` only when the head is untied (a tied head
     *is* ``tok_emb.weight``; see ``output_weight``).
     """
+
+    # forward_hidden takes ``segments``: sequences packed end to end (training unpadded).
+    packs_sequences = True
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -93,10 +99,15 @@ class GPT2Model(nn.Module):
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        segments: Sequence[int] | None = None,
     ) -> torch.Tensor:
-        """Final-normed hidden states (B, T, D). See ``forward`` for the arguments."""
+        """Final-normed hidden states (B, T, D). See ``forward`` for the arguments; with
+        ``segments``, ``input_ids`` (1, T) holds sequences of these lengths end to end, each
+        attending to itself alone from position 0 (training without padding)."""
         past = cache.length if cache is not None else 0
         t = input_ids.shape[1]
+        if segments is not None:
+            position_ids = packed_positions(input_ids, segments, cache, attention_mask)
         if position_ids is None:
             if past + t > self.cfg.context_length:
                 raise ValueError(
@@ -115,6 +126,7 @@ class GPT2Model(nn.Module):
             mask=mask,
             cache=cache,
             checkpointing=self.gradient_checkpointing and self.training,
+            segments=segments,
         )
         return self.final_norm(x)
 

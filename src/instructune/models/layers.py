@@ -7,6 +7,7 @@ KV key/value heads, hd head width, D model width.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -250,6 +251,21 @@ def new_kv_cache(
     )
 
 
+def packed_positions(
+    input_ids: torch.Tensor, segments: Sequence[int], cache: KVCache | None, mask
+) -> torch.Tensor:
+    """Position ids (1, T) of sequences packed end to end: each counts from 0."""
+    if input_ids.shape[0] != 1 or sum(segments) != input_ids.shape[1]:
+        raise ValueError(
+            f"packed input must be (1, {sum(segments)}) for segments summing to that, got "
+            f"{tuple(input_ids.shape)}"
+        )
+    if cache is not None or mask is not None:
+        raise ValueError("packed sequences take no cache and no attention_mask")
+    device = input_ids.device
+    return torch.cat([torch.arange(n, device=device) for n in segments])[None]
+
+
 def build_attention_mask(
     attention_mask: torch.Tensor | None, past: int, new: int, device: torch.device
 ) -> torch.Tensor | None:
@@ -308,7 +324,9 @@ class CausalSelfAttention(nn.Module):
         mask: torch.Tensor | None,
         cache: KVCache | None,
         layer: int,
+        segments: Sequence[int] | None = None,
     ) -> torch.Tensor:
+        """``segments``: x is (1, T) sequences packed end to end, of these lengths (no cache)."""
         b, t, _ = x.shape
         h, kv, hd = self.n_heads, self.n_kv_heads, self.head_dim
         qkv = self.qkv(x).view(b, t, h + 2 * kv, hd).transpose(1, 2)  # (B, H+2KV, T, hd)
@@ -317,16 +335,32 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, KV, S, hd)
-        out = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            dropout_p=self.drop_rate if self.training else 0.0,
-            # No mask means plain causal attention, unless past keys are cached (then T == 1).
-            is_causal=mask is None and (cache is None or cache.length == 0),
-            enable_gqa=kv != h,
-        )  # (B, H, T, hd)
+        dropout_p = self.drop_rate if self.training else 0.0
+        if segments is not None:
+            # Packed sequences: each attends causally to itself alone.
+            parts = zip(
+                q.split(segments, 2), k.split(segments, 2), v.split(segments, 2), strict=True
+            )
+            out = torch.cat(
+                [
+                    F.scaled_dot_product_attention(
+                        qs, ks, vs, dropout_p=dropout_p, is_causal=True, enable_gqa=kv != h
+                    )
+                    for qs, ks, vs in parts
+                ],
+                dim=2,
+            )
+        else:
+            out = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                dropout_p=dropout_p,
+                # No mask means plain causal attention, unless past keys are cached (T == 1).
+                is_causal=mask is None and (cache is None or cache.length == 0),
+                enable_gqa=kv != h,
+            )  # (B, H, T, hd)
         return self.proj(out.transpose(1, 2).reshape(b, t, h * hd))
 
 
@@ -352,8 +386,13 @@ class Block(nn.Module):
         self.ff = ff
         self.drop = nn.Dropout(drop_rate)
 
-    def forward(self, x, rope, mask, cache: KVCache | None, layer: int) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.norm1(x), rope=rope, mask=mask, cache=cache, layer=layer))
+    def forward(
+        self, x, rope, mask, cache: KVCache | None, layer: int, segments=None
+    ) -> torch.Tensor:
+        attn = self.attn(
+            self.norm1(x), rope=rope, mask=mask, cache=cache, layer=layer, segments=segments
+        )
+        x = x + self.drop(attn)
         return x + self.drop(self.ff(self.norm2(x)))
 
 
@@ -365,16 +404,17 @@ def run_blocks(
     mask: torch.Tensor | None,
     cache: KVCache | None,
     checkpointing: bool,
+    segments: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Run every block, with activation checkpointing when asked and gradients are on."""
     use_ckpt = checkpointing and torch.is_grad_enabled() and cache is None
     for i, block in enumerate(blocks):
         if use_ckpt:
             x = torch.utils.checkpoint.checkpoint(
-                block, x, rope, mask, None, i, use_reentrant=False
+                block, x, rope, mask, None, i, segments, use_reentrant=False
             )
         else:
-            x = block(x, rope, mask, cache, i)
+            x = block(x, rope, mask, cache, i, segments)
     if cache is not None:
         cache.advance(x.shape[1])
     return x

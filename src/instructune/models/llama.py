@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -17,6 +19,7 @@ from instructune.models.layers import (
     build_attention_mask,
     linear,
     new_kv_cache,
+    packed_positions,
     run_blocks,
 )
 
@@ -29,6 +32,9 @@ class LlamaModel(nn.Module):
     the q, k and v projections stacked (rows: H*hd, KV*hd, KV*hd) and ``ff.gate_up`` the gate and
     up projections, so each is one matmul; the checkpoint loaders split and join them.
     """
+
+    # forward_hidden takes ``segments``: sequences packed end to end (training unpadded).
+    packs_sequences = True
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -91,10 +97,15 @@ class LlamaModel(nn.Module):
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        segments: Sequence[int] | None = None,
     ) -> torch.Tensor:
-        """Final-normed hidden states (B, T, D). See ``forward`` for the arguments."""
+        """Final-normed hidden states (B, T, D). See ``forward`` for the arguments; with
+        ``segments``, ``input_ids`` (1, T) holds sequences of these lengths end to end, each
+        attending to itself alone from position 0 (training without padding)."""
         past = cache.length if cache is not None else 0
         t = input_ids.shape[1]
+        if segments is not None:
+            position_ids = packed_positions(input_ids, segments, cache, attention_mask)
         x = self.drop_emb(self.tok_emb(input_ids))
         rope = self.rope(position_ids, past, t, device=x.device, dtype=x.dtype)
         mask = build_attention_mask(attention_mask, past, t, input_ids.device)
@@ -105,6 +116,7 @@ class LlamaModel(nn.Module):
             mask=mask,
             cache=cache,
             checkpointing=self.gradient_checkpointing and self.training,
+            segments=segments,
         )
         return self.final_norm(x)
 
