@@ -12,7 +12,7 @@ import json
 
 import pytest
 import torch
-from helpers import tiny_config
+from helpers import FIXTURES, tiny_config
 from safetensors.torch import load_file
 from test_generation import PROMPTS, tiny_model
 
@@ -167,3 +167,32 @@ def test_evaluation_on_the_gpu_gives_the_cpus_mean_of_batch_losses():
         model = tiny_model("gpt2").to(device)
         losses[device.type] = evaluate_loss(model, items, batches, collate, device=device)
     assert losses["cuda"] == pytest.approx(losses["cpu"], rel=1e-5)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_dpo_on_the_gpu_starts_at_ln_2_and_raises_the_margin(tmp_path, precision):
+    """instructune dpo on the GPU: the cached reference makes step 0 exactly ln 2 with margin
+    0 (fp32; bf16 within its rounding), and training raises the training margin."""
+    import math
+
+    from test_dpo_pipeline import dpo_args, evals
+
+    from instructune.cli.main import main
+
+    records = json.loads((FIXTURES / "instructions-40.json").read_text(encoding="utf-8"))
+    pairs = [
+        {**r, "chosen": r["output"], "rejected": " ".join(reversed(r["output"].split())) + "."}
+        for r in records
+    ]
+    data = tmp_path / "pairs.json"
+    data.write_text(json.dumps(pairs), encoding="utf-8")
+    out = tmp_path / "run"
+    args = dpo_args(data, out, "--device", "cuda", "--precision", precision, "--max-steps", "6")
+    assert main(args) == 0
+    records = evals(out)
+    tolerance = 1e-6 if precision == "fp32" else 1e-2
+    assert abs(records[0]["val_loss"] - math.log(2)) < tolerance
+    assert abs(records[0]["val_margin"]) < tolerance
+    assert records[-1]["train_margin"] > records[0]["train_margin"] + 0.1
+    info = json.loads((out / "run.json").read_text())
+    assert info["device"].startswith("cuda") and info["status"] == "finished"
