@@ -331,3 +331,27 @@ def test_unreachable_judge_falls_back_to_text_metrics(fixtures, tmp_path, capsys
     assert (out / "scores.json").exists()
     run = json.loads((out / "run.json").read_text())
     assert run["results"]["evaluation"]["judge"] is None
+
+
+def test_answer_dtype_answers_with_the_saved_weights_cast(tmp_path):
+    """--answer-dtype bf16: the saved model stays fp32, and the test answers are those of the
+    saved weights cast to bf16."""
+    import torch
+    from helpers import tiny_config
+    from safetensors.torch import load_file
+
+    from instructune.checkpoints import load_model
+    from instructune.pipeline import answer_test_split, run_finetune
+
+    out = tmp_path / "run"
+    summary = run_finetune(tiny_config(out, answer_dtype="bf16", test_limit=3, max_new_tokens=6))
+    assert summary["answer_dtype"] == "bfloat16"
+    assert all(w.dtype == torch.float32 for w in load_file(out / "model.safetensors").values())
+    answered = json.loads((out / "responses.json").read_text())
+    records = [{k: v for k, v in r.items() if k != "model_response"} for r in answered]
+    loaded = load_model(out, dtype=torch.bfloat16)
+    again, _ = answer_test_split(
+        loaded, records, style="alpaca", max_new_tokens=6, batch_size=16,
+        out_path=tmp_path / "again.json", quiet=True,
+    )  # fmt: skip
+    assert [r["model_response"] for r in again] == [r["model_response"] for r in answered]

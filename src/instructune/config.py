@@ -195,6 +195,11 @@ class FinetuneConfig(BaseModel):
         256, ge=1, description="longest answer to a test prompt, in tokens (the book: 256)"
     )
     gen_batch_size: int = Field(16, ge=1, description="test prompts answered together")
+    answer_dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "fp32",
+        description="precision of the weights answering the test split (after they are "
+        "saved): auto is bf16 where the GPU has it or the CPU has AVX512-BF16/AMX, else fp32",
+    )
     test_limit: int | None = Field(
         None, ge=0, description="answer only the first N test records; none: all"
     )

@@ -33,7 +33,16 @@ from typing import TYPE_CHECKING, Any
 
 from instructune.config import DpoConfig
 from instructune.pipeline.data import batched_loop_data
-from instructune.pipeline.finetune import Run, answer, finish, save, set_up, start, train
+from instructune.pipeline.finetune import (
+    Run,
+    answer,
+    answer_in_dtype,
+    finish,
+    save,
+    set_up,
+    start,
+    train,
+)
 from instructune.pipeline.messages import _warn
 from instructune.pipeline.outputs import (
     answer_test_split,
@@ -247,6 +256,7 @@ def answer_as_reference(run: Run) -> list[dict]:
         start_model = load_for_training(run.cfg, run.device)
         loaded = dataclasses.replace(start_model, prompt_format=run.loaded.prompt_format)
         context = contextlib.nullcontext()
+    answer_in_dtype(run, loaded.model)  # as the DPO model's answers
     with context:
         responses, _ = answer_test_split(
             loaded,

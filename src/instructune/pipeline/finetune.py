@@ -559,6 +559,7 @@ def save(run: Run) -> None:
 def answer(run: Run, summary: dict[str, Any]) -> list[dict]:
     """Greedy answers for the test split into responses.json (continuing a partial one)."""
     t0 = time.perf_counter()
+    summary["answer_dtype"] = answer_in_dtype(run, run.loaded.model)
     responses, finish = answer_test_split(
         run.loaded,
         run.test_records,
@@ -574,6 +575,19 @@ def answer(run: Run, summary: dict[str, Any]) -> list[dict]:
     summary["finish_reasons"] = finish
     summary["ended_with_eos_share"] = finish.get("eos", 0) / len(responses) if responses else None
     return responses
+
+
+def answer_in_dtype(run: Run, model: torch.nn.Module) -> str:
+    """Cast ``model`` in place to ``--answer-dtype`` (its weights are saved by now: answering
+    is all that is left for them); returns the dtype's name."""
+    from instructune.generation.decoding import model_device_dtype
+    from instructune.utils.devices import resolve_dtype
+
+    dtype = resolve_dtype(run.cfg.answer_dtype, run.device)
+    if model_device_dtype(model)[1] != dtype:
+        model.to(dtype)
+        run.say(f"answering the test split with {str(dtype).removeprefix('torch.')} weights")
+    return str(dtype).removeprefix("torch.")
 
 
 # ------------------------------------------------------------------------------ evaluate
