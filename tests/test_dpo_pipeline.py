@@ -210,3 +210,23 @@ def test_two_processes_under_torchrun_match_one(full_run, pairs_file, tmp_path):
     assert one.keys() == two.keys()
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-6)
+
+
+def test_each_job_resumes_only_its_own_runs(full_run, tmp_path, capsys):
+    """finetune --resume on a DPO run (and dpo --resume on a fine-tuning run) is refused with
+    the command that continues it, before anything in the run changes."""
+    from helpers import tiny_finetune_args
+
+    before = (full_run / "run.json").read_bytes()
+    assert main(["finetune", "--resume", str(full_run)]) != 0
+    assert (
+        f"holds an `instructune dpo` run; continue it with `instructune dpo --resume {full_run}`"
+        in (capsys.readouterr().err)
+    )
+    assert (full_run / "run.json").read_bytes() == before
+    ft = tmp_path / "ft"
+    args = ("--max-steps", "1", "--max-length", "128", "--max-new-tokens", "4", "--test-limit", "1")
+    assert main(tiny_finetune_args(ft, *args)) == 0
+    capsys.readouterr()
+    assert main(["dpo", "--resume", str(ft)]) != 0
+    assert "holds an `instructune finetune` run" in capsys.readouterr().err

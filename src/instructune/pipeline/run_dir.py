@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from instructune.config import FinetuneConfig
+from instructune.config import DpoConfig, FinetuneConfig
 from instructune.errors import InstructuneError
 
 RUN_FILE = "run.json"
@@ -57,7 +57,16 @@ def load_run_config(
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise RunDirError(f"cannot read {path} to resume the run: {exc}") from None
-    cfg = config_class.from_dict(data.get("config", {}), source=str(path))
+    saved = data.get("config", {})
+    # Only a DPO run's settings have beta: each job resumes its own runs, not the other's.
+    job = "dpo" if "beta" in saved else "finetune"
+    wanted = "dpo" if issubclass(config_class, DpoConfig) else "finetune"
+    if job != wanted:
+        raise RunDirError(
+            f"{run_dir} holds an `instructune {job}` run; continue it with "
+            f"`instructune {job} --resume {run_dir}`"
+        )
+    cfg = config_class.from_dict(saved, source=str(path))
     cfg.out = str(run_dir)
     return cfg
 
