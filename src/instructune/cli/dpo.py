@@ -9,7 +9,6 @@ with its own settings. Nothing heavy is imported at module level.
 from __future__ import annotations
 
 import argparse
-import sys
 
 from instructune.cli.finetune import _FinetuneParser, add_run_options
 
@@ -43,28 +42,14 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Resolve the settings, then run (or print) the DPO job; returns the exit code."""
-    from instructune.cli.finetune import _flags, _resume_config
-    from instructune.config import DpoConfig, dump_yaml, resolve_config
-
-    flags = _flags(args, DpoConfig)
-    if args.resume is not None:
-        cfg = _resume_config(args, flags, DpoConfig)
-    else:
-        cfg = resolve_config(
-            preset_name=args.preset, config_file=args.config, flags=flags, config_class=DpoConfig
-        )
-    if args.print_config:
-        print(dump_yaml(cfg), end="")
-        return 0
+    from instructune.cli.finetune import run_job
+    from instructune.config import DpoConfig
     from instructune.pipeline.dpo import run_dpo
-    from instructune.training.loop import TrainingInterrupted
 
-    try:
-        summary = run_dpo(cfg, resume=args.resume is not None)
-    except TrainingInterrupted:
-        print(f"stopped; continue with: instructune dpo --resume {cfg.out}", file=sys.stderr)
+    summary = run_job(args, "dpo", DpoConfig, run_dpo)
+    if summary is None:
         return 130
-    if not cfg.quiet:
+    if not summary["quiet"]:
         if summary.get("val_loss") is not None:
             print(f"final validation loss {summary['val_loss']:.4f}")
         if summary.get("val_margin") is not None:

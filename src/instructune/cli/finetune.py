@@ -281,16 +281,39 @@ def _resume_config(
 
 def run(args: argparse.Namespace) -> int:
     """Resolve the settings, then run (or print) the fine-tuning job; returns the exit code."""
-    from instructune.config import dump_yaml, resolve_config
+    from instructune.config import FinetuneConfig
+    from instructune.pipeline import run_finetune
 
-    flags = _flags(args)
+    summary = run_job(args, "finetune", FinetuneConfig, run_finetune)
+    if summary is None:
+        return 130
+    if summary.get("val_loss") is not None and not summary["quiet"]:
+        print(f"final validation loss {summary['val_loss']:.4f}")
+    return 0
+
+
+def run_job(args: argparse.Namespace, job: str, config_class: type, runner) -> dict | None:
+    """A training job's settings (resumed, or preset < YAML < flags), then the job: its
+    summary (with ``quiet``), {"quiet": True} after --print-config, None when interrupted."""
+    from instructune.config import dump_yaml, resolve_config
+    from instructune.training.loop import TrainingInterrupted
+
+    flags = _flags(args, config_class)
     if args.resume is not None:
-        cfg = _resume_config(args, flags)
+        cfg = _resume_config(args, flags, config_class)
     else:
-        cfg = resolve_config(preset_name=args.preset, config_file=args.config, flags=flags)
+        cfg = resolve_config(
+            preset_name=args.preset, config_file=args.config, flags=flags, config_class=config_class
+        )
     if args.print_config:
         print(dump_yaml(cfg), end="")
-        return 0
+        return {"quiet": True}
+    try:
+        summary = runner(cfg, resume=args.resume is not None)
+    except TrainingInterrupted:
+        print(f"stopped; continue with: instructune {job} --resume {cfg.out}", file=sys.stderr)
+        return None
+    return {**summary, "quiet": cfg.quiet}
     from instructune.pipeline import run_finetune
     from instructune.training.loop import TrainingInterrupted
 

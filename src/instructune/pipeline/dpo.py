@@ -37,6 +37,7 @@ from instructune.pipeline.finetune import (
     Run,
     answer,
     answer_in_dtype,
+    answer_test_split_as,
     finish,
     save,
     set_up,
@@ -45,7 +46,6 @@ from instructune.pipeline.finetune import (
 )
 from instructune.pipeline.messages import _warn
 from instructune.pipeline.outputs import (
-    answer_test_split,
     evaluate_outputs,
     model_fingerprint,
     records_digest,
@@ -258,16 +258,7 @@ def answer_as_reference(run: Run) -> list[dict]:
         context = contextlib.nullcontext()
     answer_in_dtype(run, loaded.model)  # as the DPO model's answers
     with context:
-        responses, _ = answer_test_split(
-            loaded,
-            run.test_records,
-            style=run.style,
-            max_new_tokens=run.cfg.max_new_tokens,
-            batch_size=run.cfg.gen_batch_size,
-            out_path=run.out / REFERENCE_RESPONSES_FILE,
-            limit=run.cfg.test_limit,
-            quiet=run.quiet,
-        )
+        responses, _ = answer_test_split_as(run, loaded, REFERENCE_RESPONSES_FILE)
     run.timings["generate_reference_s"] = time.perf_counter() - t0
     return responses
 

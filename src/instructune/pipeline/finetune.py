@@ -560,21 +560,29 @@ def answer(run: Run, summary: dict[str, Any]) -> list[dict]:
     """Greedy answers for the test split into responses.json (continuing a partial one)."""
     t0 = time.perf_counter()
     summary["answer_dtype"] = answer_in_dtype(run, run.loaded.model)
-    responses, finish = answer_test_split(
-        run.loaded,
-        run.test_records,
-        style=run.style,
-        max_new_tokens=run.cfg.max_new_tokens,
-        batch_size=run.cfg.gen_batch_size,
-        out_path=run.out / RESPONSES_FILE,
-        limit=run.cfg.test_limit,
-        quiet=run.quiet,
-    )
+    responses, finish = answer_test_split_as(run, run.loaded, RESPONSES_FILE)
     run.timings["generate_s"] = time.perf_counter() - t0
     summary["responses"] = len(responses)
     summary["finish_reasons"] = finish
     summary["ended_with_eos_share"] = finish.get("eos", 0) / len(responses) if responses else None
     return responses
+
+
+def answer_test_split_as(
+    run: Run, loaded: LoadedModel, filename: str
+) -> tuple[list[dict], dict[str, int]]:
+    """``loaded``'s greedy answers to the run's test split, with the run's answer settings,
+    into ``filename`` in the run directory (continuing a partial one)."""
+    return answer_test_split(
+        loaded,
+        run.test_records,
+        style=run.style,
+        max_new_tokens=run.cfg.max_new_tokens,
+        batch_size=run.cfg.gen_batch_size,
+        out_path=run.out / filename,
+        limit=run.cfg.test_limit,
+        quiet=run.quiet,
+    )
 
 
 def answer_in_dtype(run: Run, model: torch.nn.Module) -> str:
