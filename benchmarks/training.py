@@ -22,7 +22,7 @@ activations, the fused loss, the optimizer and the rest.
 
     python benchmarks/training.py --quick                 # gpt2, few steps
     python benchmarks/training.py                         # gpt2 + embedded, fp32 + bf16
-    python benchmarks/training.py --memory                # gpt2-medium, the longest batches
+    python benchmarks/training.py --memory                # gpt2-medium: memory vs speed
     python benchmarks/training.py --profile --steps 2     # torch.profiler table per config
 """
 
@@ -52,6 +52,18 @@ def _load(model_name: str):
     if model_name == "smollm2-135m-instruct":
         return load_model(model_name)
     return load_model(model_name, init="random")
+
+
+def _step_batches(items, order: list[list[int]], spec: dict) -> list[list[int]]:
+    """The batches a configuration runs: one untimed warm-up step, then ``steps`` timed ones.
+
+    With ``longest`` (--memory) the warm-up is the batch of the longest records, so the peak
+    memory covers the worst batch of the epoch, and the timed steps are the book's shuffled
+    batches, so positions/s is the rate of a real epoch."""
+    if not spec.get("longest"):
+        return order[: spec["steps"] + 1]
+    ranked = sorted(range(len(items)), key=lambda i: -len(items[i]))
+    return [ranked[: spec["batch_size"]], *order[: spec["steps"]]]
 
 
 def _batches(loaded, data: Path, batch_size: int, grouped: bool, max_length: int):
@@ -120,8 +132,8 @@ def _label_loss_region() -> None:
 
 
 def run_transformers(spec: dict) -> dict:
-    """The reference: transformers' ``GPT2LMHeadModel`` (eager attention, GPT-2 small shape,
-    dropout 0 as the book's chapter 7), ``F.cross_entropy`` on the full logits and
+    """The reference: transformers' ``GPT2LMHeadModel`` (eager attention, GPT-2 small or medium
+    shape, dropout 0 as the book's chapter 7), ``F.cross_entropy`` on the full logits and
     ``torch.optim.AdamW`` (lr 5e-5, weight decay 0.1), on the same batches as ours."""
     import torch
     import torch.nn.functional as F
@@ -132,7 +144,8 @@ def run_transformers(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(123)
     loaded = _load("gpt2")  # the tokenizer and batches only
-    config = GPT2Config(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    shape = {"gpt2": {}, "gpt2-medium": {"n_embd": 1024, "n_layer": 24, "n_head": 16}}
+    config = GPT2Config(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **shape[spec["model"]])
     model = GPT2LMHeadModel._from_config(config, attn_implementation="eager").train()
     del loaded.model
     items, _val, collate, order = _batches(
@@ -141,7 +154,7 @@ def run_transformers(spec: dict) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.1)
     seconds = 0.0
     positions = supervised = 0
-    for n, batch in enumerate(order[: spec["steps"] + 1]):
+    for n, batch in enumerate(_step_batches(items, order, spec)):
         t0 = time.perf_counter()
         inputs, targets = collate([items[i] for i in batch])
         logits = model(input_ids=inputs).logits
@@ -181,18 +194,13 @@ def run_one(spec: dict) -> dict:
     loaded = _load(spec["model"])
     model = loaded.model
     model.train()
-    model.gradient_checkpointing = spec.get("checkpointing", False)
+    model.gradient_checkpointing = spec.get("checkpointing", False)  # bool or a block count
     if spec.get("no_packing"):
         model.packs_sequences = False  # padded batches, as before packing
     items, val_items, collate, order = _batches(
         loaded, Path(spec["data"]), spec["batch_size"], spec["grouped"], spec["max_length"]
     )
-    if spec.get("longest"):  # --memory: the longest records, so the biggest batch comes first
-        ranked = sorted(range(len(items)), key=lambda i: -len(items[i]))
-        order = [
-            ranked[i : i + spec["batch_size"]] for i in range(0, len(ranked), spec["batch_size"])
-        ]
-    batches = order[: spec["steps"] + 1]  # +1 warm-up step, not timed
+    batches = _step_batches(items, order, spec)
     loss_module = SupervisedLoss(model)
     optimizer = make_optimizer(
         model,
@@ -320,7 +328,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--max-length", type=int, default=1024)
     p.add_argument("--quick", action="store_true", help="gpt2 only, 3 steps")
-    p.add_argument("--memory", action="store_true", help="gpt2-medium fp32 on the longest batches")
+    p.add_argument(
+        "--memory",
+        action="store_true",
+        help="gpt2-medium fp32: peak memory and speed against the book-style reference",
+    )
+    p.add_argument(
+        "--checkpoint-blocks",
+        default="24,16,0",
+        help="--memory: how many of the 24 blocks recompute their activations, one run each",
+    )
     p.add_argument("--profile", action="store_true", help="print torch.profiler's top ops")
     p.add_argument(
         "--no-in-backward",
@@ -386,35 +403,7 @@ def main(argv: list[str] | None = None) -> int:
         "no_packing": args.no_packing,
     }
     if args.memory:
-        spec = {
-            **base,
-            "model": "gpt2-medium",
-            "precision": "fp32",
-            "grouped": False,
-            "checkpointing": True,
-            "longest": True,
-            "in_backward": not args.no_in_backward,
-            "steps": max(1, min(args.steps, 2)),
-        }
-        r = _child(spec)
-        s = r["s_per_step"]
-        step_s = sum(s.values())
-        how = "a plain AdamW step" if args.no_in_backward else "AdamW inside backward"
-        print(
-            f"gpt2-medium fp32, batch {args.batch_size}, activation checkpointing, {how}, "
-            f"the longest batches ({r['longest_batch_positions']} positions in the first):"
-        )
-        print(
-            f"  peak ru_maxrss {r['peak_rss_bytes'] / 1e9:.2f} GB (target <= 6.5), "
-            f"{step_s:.1f} s/step, {r['positions_per_s']:.0f} positions/s, MFU {r['mfu']:.1%}"
-        )
-        # An epoch's positions with the book's shuffled batches, at the measured rate.
-        epoch_positions = _epoch_positions(args)
-        print(
-            f"  a full epoch ({epoch_positions} positions, shuffled batches) would take about "
-            f"{epoch_positions / r['positions_per_s'] / 60:.0f} min at this rate"
-        )
-        return 0
+        return _memory(args, base)
 
     models = ["gpt2"] if args.quick else args.models.split(",")
     steps = 3 if args.quick else args.steps
@@ -463,6 +452,44 @@ def main(argv: list[str] | None = None) -> int:
                     f"tokens/s {b['supervised_per_s'] / a['supervised_per_s']:.2f}x; val loss "
                     f"differs by {rel:.2%}"
                 )
+    return 0
+
+
+def _memory(args, base: dict) -> int:
+    """gpt2-medium fp32 full fine-tuning: peak memory against speed, beside the book-style
+    reference (transformers' model, padded batches, full logits, AdamW) in the same run."""
+    steps = args.steps
+    spec = {**base, "model": "gpt2-medium", "precision": "fp32", "grouped": False}
+    spec.update(longest=True, steps=steps)
+    print(
+        f"gpt2-medium fp32, batch {args.batch_size}: the warm-up step is the batch of the longest "
+        f"records (the epoch's peak), then {steps} timed steps of the book's shuffled batches"
+    )
+    print(f"{'configuration':<52} {'peak RSS GB':>11} {'pos/s':>7} {'s/step':>7}")
+    ref = None
+    if not args.no_transformers:
+        ref = _child({**spec, "transformers": True})
+        print(
+            f"{'book-style reference (transformers, AdamW, no recompute)':<52} "
+            f"{ref['peak_rss_bytes'] / 1e9:>11.2f} {ref['positions_per_s']:>7.1f}",
+            flush=True,
+        )
+    optimizer = "AdamW step" if args.no_in_backward else "AdamW inside backward"
+    for blocks in [int(b) for b in args.checkpoint_blocks.split(",")]:
+        r = _child({**spec, "in_backward": not args.no_in_backward, "checkpointing": blocks})
+        label = f"instructune, {optimizer}, {blocks}/24 blocks recomputed"
+        line = (
+            f"{label:<52} {r['peak_rss_bytes'] / 1e9:>11.2f} {r['positions_per_s']:>7.1f} "
+            f"{sum(r['s_per_step'].values()):>7.1f}"
+        )
+        if ref is not None:
+            line += (
+                f"   memory x{r['peak_rss_bytes'] / ref['peak_rss_bytes']:.2f} (target <= 0.6), "
+                f"speed x{r['positions_per_s'] / ref['positions_per_s']:.2f} (target >= 1)"
+            )
+        print(line, flush=True)
+    epoch_positions = _epoch_positions(args)
+    print(f"a full epoch of shuffled batches is {epoch_positions} positions")
     return 0
 
 

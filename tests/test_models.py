@@ -183,9 +183,20 @@ def test_gradient_checkpointing_gives_the_same_gradients(cfg):
         return [p.grad.clone() for p in model.parameters()]
 
     plain = grads()
-    model.gradient_checkpointing = True
-    checkpointed = grads()
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, checkpointed, strict=True))
+    calls = [0] * len(model.blocks)
+    for i, block in enumerate(model.blocks):
+        # A pre-hook: a recomputation stops as soon as it has what backward needs, so a
+        # block's post-forward hook does not run the second time.
+        block.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    # True recomputes every block; an int k the first k only (each of those runs twice).
+    for setting, recomputed in ((True, len(model.blocks)), (1, 1)):
+        model.gradient_checkpointing = setting
+        calls[:] = [0] * len(calls)
+        checkpointed = grads()
+        assert calls == [2] * recomputed + [1] * (len(calls) - recomputed)
+        assert all(
+            torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, checkpointed, strict=True)
+        )
 
 
 def test_dropout_is_active_only_in_training():

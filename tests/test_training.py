@@ -222,6 +222,34 @@ def test_optimizer_in_backward_matches_the_plain_step_and_checkpoints(tmp_path):
     assert torch.equal(a, other_opt.state_dict()["in_backward"][0]["state"][0]["exp_avg"])
 
 
+@pytest.mark.parametrize("in_backward", [False, True])
+def test_adam_state_allocated_up_front_is_torchs_own(in_backward):
+    # The moments exist before the first step (less heap fragmentation, see optim.py) and
+    # are what torch would have made: the same keys, dtypes and devices, and after three
+    # steps the same weights and state as a stock AdamW that allocated them itself.
+    model = tiny_model(seed=3)
+    opt = make_optimizer(
+        model, lr=1e-2, weight_decay=0.1, device=torch.device("cpu"), in_backward=in_backward
+    )
+    optimizers = opt.optimizers if in_backward else [opt]
+    assert all(len(o.state) == len(o.param_groups[0]["params"]) for o in optimizers)
+    reference = tiny_model(seed=3)
+    stock = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.1, fused=True)
+    assert not stock.state
+    for model_, opt_ in ((model, opt), (reference, stock)):
+        settings = LoopSettings(max_steps=3, lr=1e-2, eval_every=100, quiet=True)
+        train(model_, opt_, make_data(), settings, device=torch.device("cpu"))
+    for (name, a), b in zip(model.named_parameters(), reference.parameters(), strict=True):
+        assert torch.equal(a, b), name
+    ours = [s for o in optimizers for s in o.state.values()]
+    for mine, theirs in zip(ours, stock.state.values(), strict=True):
+        assert mine.keys() == theirs.keys()
+        for key in mine:
+            assert mine[key].dtype == theirs[key].dtype, key
+            assert mine[key].device == theirs[key].device, key
+            assert torch.equal(mine[key], theirs[key]), key
+
+
 def test_optimizer_in_backward_refuses_accumulation():
     model = tiny_model()
     opt = make_optimizer(

@@ -39,7 +39,8 @@ class GPT2Model(nn.Module):
         if cfg.arch != "gpt2":
             raise ValueError(f"GPT2Model needs arch 'gpt2', got {cfg.arch!r}")
         self.cfg = cfg
-        self.gradient_checkpointing = False
+        # True: recompute every block's activations in backward; an int k: the first k blocks.
+        self.gradient_checkpointing: bool | int = False
         # _weight skips nn.Embedding's own random init (build_model initialises everything once).
         self.tok_emb = nn.Embedding(
             cfg.vocab_size, cfg.emb_dim, _weight=torch.empty(cfg.vocab_size, cfg.emb_dim)
@@ -125,7 +126,7 @@ class GPT2Model(nn.Module):
             rope=None,
             mask=mask,
             cache=cache,
-            checkpointing=self.gradient_checkpointing and self.training,
+            checkpointing=self.gradient_checkpointing if self.training else False,
             segments=segments,
         )
         return self.final_norm(x)

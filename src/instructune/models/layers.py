@@ -403,13 +403,19 @@ def run_blocks(
     rope: tuple[torch.Tensor, torch.Tensor] | None,
     mask: torch.Tensor | None,
     cache: KVCache | None,
-    checkpointing: bool,
+    checkpointing: bool | int,
     segments: Sequence[int] | None = None,
 ) -> torch.Tensor:
-    """Run every block, with activation checkpointing when asked and gradients are on."""
-    use_ckpt = checkpointing and torch.is_grad_enabled() and cache is None
+    """Run every block, with activation checkpointing when asked and gradients are on.
+
+    ``checkpointing``: True recomputes every block's activations in backward; an int k only
+    the first k blocks', so memory and recompute time can be traded block by block.
+    """
+    recomputed = 0
+    if torch.is_grad_enabled() and cache is None:
+        recomputed = len(blocks) if checkpointing is True else int(checkpointing)
     for i, block in enumerate(blocks):
-        if use_ckpt:
+        if i < recomputed:
             x = torch.utils.checkpoint.checkpoint(
                 block, x, rope, mask, None, i, segments, use_reentrant=False
             )

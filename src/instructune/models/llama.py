@@ -41,7 +41,8 @@ class LlamaModel(nn.Module):
         if cfg.arch != "llama":
             raise ValueError(f"LlamaModel needs arch 'llama', got {cfg.arch!r}")
         self.cfg = cfg
-        self.gradient_checkpointing = False
+        # True: recompute every block's activations in backward; an int k: the first k blocks.
+        self.gradient_checkpointing: bool | int = False
         # _weight skips nn.Embedding's own random init (build_model initialises everything once).
         self.tok_emb = nn.Embedding(
             cfg.vocab_size, cfg.emb_dim, _weight=torch.empty(cfg.vocab_size, cfg.emb_dim)
@@ -115,7 +116,7 @@ class LlamaModel(nn.Module):
             rope=rope,
             mask=mask,
             cache=cache,
-            checkpointing=self.gradient_checkpointing and self.training,
+            checkpointing=self.gradient_checkpointing if self.training else False,
             segments=segments,
         )
         return self.final_norm(x)

@@ -17,12 +17,42 @@ from torch import nn
 
 
 def _adamw(params: list[torch.Tensor], *, lr: float, weight_decay: float, device: torch.device):
+    optimizer = None
     if device.type in ("cpu", "cuda"):
         try:
-            return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+            optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
         except (RuntimeError, TypeError):
             pass
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
+    if optimizer is None:
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
+    allocate_adam_state(optimizer)
+    return optimizer
+
+
+def allocate_adam_state(optimizer: torch.optim.Optimizer) -> None:
+    """Create Adam's moments now, as torch would at the first step (zeros, step 0).
+
+    torch allocates them lazily, inside the first step; with the optimizer stepped inside
+    backward that interleaves 2.8 GB of long-lived moments (gpt2-medium) with the step's
+    short-lived activations and gradients, and the holes they leave in the C heap raised the
+    peak RSS by ~0.25 GB. Allocated up front they sit together. The update is unchanged, and
+    a resumed run's ``load_state_dict`` replaces them.
+    """
+    for group in optimizer.param_groups:
+        # torch keeps the step count on the parameter's device for fused/capturable kernels,
+        # else as a CPU scalar.
+        on_device = group.get("fused") or group.get("capturable")
+        for p in group["params"]:
+            state = optimizer.state[p]
+            if state:
+                continue
+            state["step"] = torch.zeros(
+                (), dtype=torch.float32, device=p.device if on_device else "cpu"
+            )
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if group.get("amsgrad"):
+                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
 def make_optimizer(
