@@ -149,6 +149,13 @@ class FinetuneConfig(BaseModel):
         description="update each weight as its gradient is ready (less memory; no --grad-accum)",
     )
     compile: bool = Field(False, description="torch.compile the model")
+    freeze_blocks: int | None = Field(
+        None,
+        ge=0,
+        description="train the upper blocks only: the embeddings (and a head tied to them) "
+        "and the first N blocks stay fixed, and backward stops above them (faster); none: "
+        "train every weight",
+    )
     lora_rank: int | None = Field(
         None,
         ge=1,

@@ -214,6 +214,7 @@ def set_up(
     loaded = load_for_training(cfg, run.device)
     # Before the processes' streams part: every rank draws the same adapter init.
     lora_info = _apply_lora(run, loaded)
+    _freeze(run, loaded, lora_info)
     if info.rank:
         seed_everything(cfg.seed, info.rank)
     max_length = resolve_max_length(cfg.max_length, loaded)
@@ -287,6 +288,31 @@ def set_up(
         _restore(run)
     if info.is_main:
         atomic_write_json(run.out / RUN_FILE, run.run_info)
+
+
+def _freeze(run: Run, loaded: LoadedModel, lora_info: dict[str, Any] | None) -> None:
+    """``freeze_blocks``: fix the embeddings and the lowest blocks (full fine-tuning only)."""
+    from instructune.models.freeze import freeze_lower_blocks
+    from instructune.models.lora import count_parameters
+
+    blocks = run.cfg.freeze_blocks
+    if blocks is None:
+        return
+    if lora_info is not None:
+        raise ConfigError(
+            "setting 'freeze_blocks' is for full fine-tuning; LoRA already keeps every base "
+            "weight fixed (leave out --freeze-blocks or --lora-rank)"
+        )
+    try:
+        freeze_lower_blocks(loaded.model, blocks)
+    except ValueError as exc:
+        raise ConfigError(f"setting 'freeze_blocks': {exc}") from None
+    trainable, total = count_parameters(loaded.model)
+    run.say(
+        f"training blocks {blocks}-{len(loaded.model.blocks) - 1} only (the embeddings"
+        f"{' and blocks 0-' + str(blocks - 1) if blocks else ''} fixed): {trainable:,} trainable "
+        f"of {total:,} parameters ({100 * trainable / total:.2f}%)"
+    )
 
 
 def _apply_lora(run: Run, loaded: LoadedModel) -> dict[str, Any] | None:

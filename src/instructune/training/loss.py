@@ -93,6 +93,9 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         else:
             mult = None
             grad_hidden = torch.empty_like(hidden)
+        # A frozen head (--freeze-blocks with a tied embedding) needs no (V, D) gradient:
+        # that skips one of the head's three matmuls.
+        want_weight = ctx.needs_input_grad[1]
         grad_weight = None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_rows):
@@ -103,21 +106,26 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             g = grad.to(compute_dtype)
             if fp16:
                 grad_hidden[rows] = _mm_fp32_out(g, w).mul_(unscale)
-                gw = _mm_fp32_out(g.t(), h)  # (V, D), fp32
+                gw = _mm_fp32_out(g.t(), h) if want_weight else None  # (V, D), fp32
             else:
                 grad_hidden[rows] = torch.mm(g, w).mul_(grad_scale)
-                gw = torch.mm(g.t(), h * grad_scale)  # the scale rides on the small operand
+                # The scale rides on the small operand.
+                gw = torch.mm(g.t(), h * grad_scale) if want_weight else None
+            if gw is None:
+                continue
             if grad_weight is None:
                 grad_weight = gw.float()  # the first chunk allocates: no zero fill of (V, D)
             else:
                 grad_weight += gw
-        if grad_weight is None:  # no supervised rows at all
+        if not want_weight:
+            grad_weight = torch.empty(0, device=weight.device)  # a placeholder, never returned
+        elif grad_weight is None:  # no supervised rows at all
             grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         elif fp16:
             grad_weight.mul_(unscale)  # one fp32 pass over (V, D) per call
         ctx.grad_scale = grad_scale
         ctx.dtypes = hidden.dtype, weight.dtype
-        if not fp16:  # fp32 / bf16: stored in the parameters' own dtypes, as before
+        if want_weight and not fp16:  # fp32 / bf16: stored in the parameters' own dtypes
             grad_weight = grad_weight.to(weight.dtype)
         ctx.save_for_backward(grad_hidden, grad_weight)
         return total
@@ -128,10 +136,13 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         # The loss is a scalar, so its upstream gradient is one number; usually the one the
         # gradients were already scaled by (times a GradScaler's factor under fp16).
         factor = float(grad_output) / ctx.grad_scale
+        want_weight = ctx.needs_input_grad[1]
         if factor != 1.0:
-            grad_hidden, grad_weight = grad_hidden * factor, grad_weight * factor
+            grad_hidden = grad_hidden * factor
+            grad_weight = grad_weight * factor if want_weight else grad_weight
         hidden_dtype, weight_dtype = ctx.dtypes
-        return grad_hidden.to(hidden_dtype), grad_weight.to(weight_dtype), None, None, None, None
+        grad_weight = grad_weight.to(weight_dtype) if want_weight else None
+        return grad_hidden.to(hidden_dtype), grad_weight, None, None, None, None
 
 
 def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
