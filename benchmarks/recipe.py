@@ -77,11 +77,11 @@ def run_recipe(name: str, seed: int, args: argparse.Namespace) -> dict:
         "test_exact_match": scores["metrics"]["exact_match"],
     }
     if args.validation:
-        row.update(_validation_scores(out, args))
+        row.update(_validation_scores(out, run["config"]["max_new_tokens"], args))
     return row
 
 
-def _validation_scores(out: Path, args: argparse.Namespace) -> dict:
+def _validation_scores(out: Path, max_new_tokens: int, args: argparse.Namespace) -> dict:
     """Answer the validation split with the run's model (greedy, as the test split) and score."""
     from instructune.data.records import load_records, split_records
     from instructune.evaluation.textmetrics import mean_of, text_metrics
@@ -91,13 +91,9 @@ def _validation_scores(out: Path, args: argparse.Namespace) -> dict:
     val_file.write_text(json.dumps(val, ensure_ascii=False))
     answers = out / "validation-responses.json"
     cmd = _instructune(
-        "generate", "--model", str(out), "--data", str(val_file), "--out", str(answers)
-    )
-    cmd += [
-        "--max-new-tokens",
-        str(json.loads((out / "run.json").read_text())["config"]["max_new_tokens"]),
-        "--quiet",
-    ]
+        "generate", "--model", str(out), "--data", str(val_file), "--out", str(answers),
+        "--max-new-tokens", str(max_new_tokens), "--quiet",
+    )  # fmt: skip
     subprocess.run(cmd, check=True, capture_output=True)
     records = json.loads(answers.read_text())
     metrics = [text_metrics(r["model_response"], r["output"]) for r in records]
