@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from instructune.errors import ModelLoadError
 from instructune.models import REGISTRY, ModelConfig, build_model, get_config
@@ -283,3 +284,29 @@ def test_cache_reorder_copies_the_filled_rows_and_decoding_goes_on_to_max_len(ar
         steps = [model(kept[1:, t : t + 1], cache=cache) for t in range(9, 12)]
         assert cache.length == 12  # filled to max_len
         assert torch.allclose(torch.cat(steps, dim=1), model(kept[1:])[:, 9:], atol=1e-5)
+
+
+def test_linear_pads_few_rows_and_gives_f_linear_results():
+    # Few rows are computed as a padded, transposed product (faster on the CPU); every row
+    # count up to past the padding limit, with and without bias, in and out of autograd, must
+    # still be F.linear's answer for the rows asked.
+    from instructune.models.layers import PAD_ROWS_UP_TO, linear, padded_rows
+
+    assert [padded_rows(r) for r in (1, 2, 3, 4, 5, 16, 17, 24, 25, 64, 65, 300)] == [
+        2, 2, 4, 4, 16, 16, 24, 24, 32, 64, 65, 300
+    ]  # fmt: skip
+    torch.manual_seed(0)
+    weight, bias = torch.randn(48, 20), torch.randn(48)
+    for rows in range(1, PAD_ROWS_UP_TO + 3):
+        x = torch.randn(rows, 20)
+        torch.testing.assert_close(linear(x, weight), F.linear(x, weight))
+        torch.testing.assert_close(linear(x, weight, bias), F.linear(x, weight, bias))
+    x = torch.randn(3, 5, 20, requires_grad=True)  # 15 rows, in a batch shape
+    w = weight.clone().requires_grad_()
+    out = linear(x, w, bias)
+    assert out.shape == (3, 5, 48)
+    out.square().sum().backward()
+    x_ref, w_ref = x.detach().clone().requires_grad_(), weight.clone().requires_grad_()
+    F.linear(x_ref, w_ref, bias).square().sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    torch.testing.assert_close(w.grad, w_ref.grad)

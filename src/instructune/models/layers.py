@@ -27,6 +27,24 @@ if TYPE_CHECKING:
 # rows the two are level (benchmarks/serving.py's docstring has the measurements). The product
 # is the same; only the order MKL sums in may differ, as between any two batch sizes.
 SMALL_ROWS = 256
+# MKL's transposed product is much slower when the row count is not a multiple of its kernel's
+# width: all 30 SmolLM2 layers' weights at 15 rows take 115 ms and at 16 rows 54 ms; 9-15 rows
+# all take 77-115 ms, 23 rows 127 ms against 71 ms at 24 (AVX2 development machine). So rows
+# up to PAD_ROWS_UP_TO are padded with zeros: 1 to 2 (the vector path is slower still), 3 to 4,
+# 5-16 to 16, and above that to a multiple of 8. Padding rows never mix into real ones (each
+# output row is its own dot products), so results are what a batch of that size gives.
+PAD_ROWS_UP_TO = 64
+
+
+def padded_rows(rows: int) -> int:
+    """The row count ``linear`` computes ``rows`` rows with on the CPU (see PAD_ROWS_UP_TO)."""
+    if rows > PAD_ROWS_UP_TO:
+        return rows
+    if rows <= 4:
+        return rows + rows % 2
+    if rows <= 16:
+        return 16
+    return -(-rows // 8) * 8
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -35,11 +53,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if x.device.type != "cpu" or rows > SMALL_ROWS or rows == 0 or x.dtype != weight.dtype:
         return F.linear(x, weight, bias)
     flat = x.reshape(rows, x.shape[-1])
-    if rows == 1:
-        # One row goes through MKL's matrix-vector path, which is slower still than a product
-        # with two columns (every SmolLM2 weight once: 69 ms as a vector, 48 ms as two columns,
-        # 58 ms with F.linear): the row is sent twice and one answer kept.
-        flat = flat.expand(2, -1).contiguous()
+    padded = padded_rows(rows)
+    if padded != rows:
+        flat = torch.cat([flat, flat.new_zeros(padded - rows, flat.shape[1])])
     if bias is None:
         out_t = torch.mm(weight, flat.t())
     else:
@@ -333,10 +349,12 @@ class CausalSelfAttention(nn.Module):
         q, k, v = qkv.split((h, kv, kv), dim=1)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if cache is not None:
-            k, v = cache.update(layer, k, v)  # (B, KV, S, hd)
         dropout_p = self.drop_rate if self.training else 0.0
-        if segments is not None:
+        if cache is not None and hasattr(cache, "attend"):
+            # A cache that runs several groups of rows as one flat sequence (the continuous
+            # batch's joint step) attends each group over its own keys itself.
+            out = cache.attend(layer, q, k, v)
+        elif segments is not None:
             # Packed sequences: each attends causally to itself alone.
             parts = zip(
                 q.split(segments, 2), k.split(segments, 2), v.split(segments, 2), strict=True
@@ -351,6 +369,8 @@ class CausalSelfAttention(nn.Module):
                 dim=2,
             )
         else:
+            if cache is not None:
+                k, v = cache.update(layer, k, v)  # (B, KV, S, hd)
             out = F.scaled_dot_product_attention(
                 q,
                 k,
