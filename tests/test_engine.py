@@ -12,6 +12,7 @@ import asyncio
 import threading
 
 import pytest
+import torch
 from test_generation import PROMPTS as GENERATION_PROMPTS
 from test_generation import tiny_model
 
@@ -392,3 +393,46 @@ def test_ids_held_back_with_a_stop_string_are_not_sent(tok):
     text, ids, finish, events = collect(request)
     assert (text, ids, finish) == ("Hello world\n", [15496, 995, 198], "stop")
     assert_same_as_alone(loaded, [31373], settings, (text, ids, finish, events))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_joining_prompts_run_in_the_same_model_call_as_the_running_rows(tok, arch):
+    # A step with running rows and joining prompts is one model call (the weights are read once),
+    # and gives the logits the two separate calls give: running rows (one of them padded, as a
+    # later joiner is) first, then the joining prompts (sharing the kept prefix, of unequal
+    # lengths, so they are left-padded).
+    from instructune.generation.continuous import ContinuousBatch
+
+    model = tiny_model(arch).eval()
+    calls = []
+    model.forward_hidden = _counted(model.forward_hidden, calls)
+    first = [tok.encode(p) for p in PROMPTS[:2]]
+    later = [tok.encode(p) for p in PROMPTS[2:3]]
+    kept = PROMPTS[2]  # the latest prefill that reused nothing is kept
+    joining = [tok.encode(kept + " and more"), tok.encode(kept + ", then " + PROMPTS[5])]
+    batches = [ContinuousBatch(model, pad_id=0) for _ in range(2)]
+    for batch in batches:
+        batch.step(first)
+        batch.accept(torch.tensor([11, 12]))
+        batch.step(later)
+        batch.accept(torch.tensor([13, 14, 15]))
+    calls.clear()
+    joint, _ = batches[0].step(joining)
+    assert len(calls) == 1
+    with torch.inference_mode():  # as step() runs them
+        apart = torch.cat([batches[1]._advance(), batches[1]._prefill(joining)])
+    assert len(calls) == 3
+    assert batches[0].reused_tokens == batches[1].reused_tokens > 0
+    torch.testing.assert_close(joint, apart, rtol=1e-5, atol=1e-5)
+    # Both batches hold the same rows afterwards: the next step agrees too.
+    for batch in batches:
+        batch.accept(torch.arange(5) + 20)
+    torch.testing.assert_close(batches[0].step([])[0], batches[1].step([])[0], rtol=1e-5, atol=1e-5)
+
+
+def _counted(fn, calls):
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        return fn(*args, **kwargs)
+
+    return wrapper

@@ -17,10 +17,11 @@ what the rows themselves hold, not a copy of the whole cache:
 
 - a decoding step writes column ``e`` (spare columns on the right, so the buffers grow by a copy
   once in many steps);
-- a joining request's prompt is prefilled in a batch of its own (left-padded like any batch),
-  then its keys/values are copied into a spare row, right-aligned with the rest; a prompt longer
-  than the window moves ``s`` left into the spare columns (the other rows get padding there,
-  which is only a change of their mask);
+- joining prompts are prefilled as a group of their own (left-padded like any batch) with
+  caches of their own, in the same model call as the running rows' step (``_Joint``: the
+  weights are read once for both), then their keys/values are copied into spare rows,
+  right-aligned with the rest; a prompt longer than the window moves ``s`` left into the spare
+  columns (the other rows get padding there, which is only a change of their mask);
 - a leaving row is replaced by the last row (one row copied), and the columns no remaining row
   uses are dropped by moving ``s`` right (nothing copied), so the attention is as wide as the
   longest running row, never wider.
@@ -35,11 +36,13 @@ Public name: ``ContinuousBatch``.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from instructune.generation.decoding import left_padded
-from instructune.models.layers import linear
+from instructune.models.layers import build_attention_mask, linear
 
 # Spare columns kept on the right of the window when the buffers are laid out again (at least
 # this many, or the window's width: the buffers double, so growing costs O(1) per step).
@@ -82,6 +85,75 @@ class _Window:
 
     def advance(self, n: int) -> None:
         self.length += n
+
+
+@dataclass
+class _Group:
+    """Rows that one model call runs alike: their new tokens ``ids`` (rows, width) at
+    ``positions``, the cache ``window`` they attend through and its key ``mask`` (rows, keys),
+    which hides padding when ``padded``. Joining prompts also keep their token lists and the
+    length of the prefix copied from the kept prompt."""
+
+    ids: torch.Tensor
+    positions: torch.Tensor
+    window: _Window
+    mask: torch.Tensor
+    padded: bool
+    prompts: list[list[int]] = field(default_factory=list)
+    shared: int = 0
+
+    def attention_mask(self) -> torch.Tensor | None:
+        """SDPA's mask for this group (None: no padding, plain causal attention)."""
+        return build_attention_mask(
+            self.mask if self.padded else None,
+            self.window.length,
+            self.ids.shape[1],
+            self.ids.device,
+        )
+
+
+class _Joint:
+    """The cache protocol for one model call that runs several groups (the running rows'
+    next tokens and the joining prompts) as one flat sequence (1, T).
+
+    A separate prefill is one more pass over every weight: on the CPU, where a few rows cost
+    about what one does, that is most of its price. Flattened, every projection and MLP runs on
+    all the tokens at once, and only attention, which each group does over its own cache and
+    mask, is split (``attend``, which the attention layers call instead of ``update``).
+    """
+
+    length = 0  # the model builds no mask and no positions of its own: the groups have them
+
+    def __init__(self, groups: list[_Group]):
+        self.groups = groups
+        self._masks = [g.attention_mask() for g in groups]
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Attention for (1, H, T, hd) queries and (1, KV, T, hd) new keys/values, each group
+        over its own cache; returns (1, H, T, hd)."""
+        outs, first = [], 0
+        for group, mask in zip(self.groups, self._masks, strict=True):
+            rows, width = group.ids.shape
+            span = slice(first, first + rows * width)
+            first += rows * width
+            # (1, X, rows * width, hd) -> (rows, X, width, hd)
+            qg, kg, vg = (t[0, :, span].unflatten(1, (rows, width)).transpose(0, 1)
+                          for t in (q, k, v))  # fmt: skip
+            past = group.window.length
+            kg, vg = group.window.update(layer, kg, vg)
+            out = F.scaled_dot_product_attention(
+                qg,
+                kg,
+                vg,
+                attn_mask=mask,
+                is_causal=mask is None and past == 0 and width > 1,
+                enable_gqa=kg.shape[1] != qg.shape[1],
+            )
+            outs.append(out.transpose(0, 1).flatten(1, 2))  # (H, rows * width, hd)
+        return torch.cat(outs, dim=1)[None]
+
+    def advance(self, n: int) -> None:
+        """Nothing: the batch moves its window itself after the call."""
 
 
 class ContinuousBatch:
@@ -169,17 +241,17 @@ class ContinuousBatch:
         """Advance the running rows one token and prefill ``prompts`` as new rows.
 
         Returns the next-token logits of every row (running rows first, then the new ones in
-        ``prompts`` order), (B, V), and the seconds the prefill took.
+        ``prompts`` order), (B, V), and the seconds the prefill took (the whole step when it
+        ran together with the running rows).
         """
-        logits = []
-        if len(self):
-            logits.append(self._advance())
-        prefill_s = 0.0
-        if prompts:
-            started = time.perf_counter()
-            logits.append(self._prefill(prompts))
-            prefill_s = time.perf_counter() - started
-        return torch.cat(logits), prefill_s
+        started = time.perf_counter()
+        if not prompts:
+            return self._advance(), 0.0
+        if not len(self):
+            logits = self._prefill(prompts)
+        else:
+            logits = self._advance_and_prefill(prompts)
+        return logits, time.perf_counter() - started
 
     def accept(self, tokens: torch.Tensor) -> None:
         """The tokens chosen for every row (B,): each row is fed its own at the next step."""
@@ -223,27 +295,36 @@ class ContinuousBatch:
         # The head runs on the last position only (cheap, even for a 49k vocabulary).
         return linear(hidden[:, -1], self.model.output_weight)
 
-    def _advance(self) -> torch.Tensor:
-        """Feed every running row its last token; the logits for the next ones (B, V)."""
+    def _advance_inputs(self) -> _Group:
+        """The running rows' next step as a group: each row's last token, at its next position,
+        one more column of the window."""
         n = len(self)
         if self.end + 1 > self._column_capacity:
             self._relayout(rows=n, left=0, right=1)
         ones = torch.ones((n, 1), dtype=torch.bool, device=self.device)
         self.mask = torch.cat([self.mask, ones], dim=1)
-        padded = not bool(self.mask.all())
         window = _Window(self._k, self._v, n, self.start, self.end - self.start)
-        hidden = self.model.forward_hidden(
-            self.last[:, None],
-            position_ids=self.next_pos[:, None],
-            attention_mask=self.mask if padded else None,
-            cache=window,
-        )
+        padded = not bool(self.mask.all())
+        return _Group(self.last[:, None], self.next_pos[:, None], window, self.mask, padded)
+
+    def _advanced(self) -> None:
         self.end += 1
         self.next_pos = self.next_pos + 1
+
+    def _advance(self) -> torch.Tensor:
+        """Feed every running row its last token; the logits for the next ones (B, V)."""
+        group = self._advance_inputs()
+        hidden = self.model.forward_hidden(
+            group.ids,
+            position_ids=group.positions,
+            attention_mask=group.mask if group.padded else None,
+            cache=group.window,
+        )
+        self._advanced()
         return self._logits(hidden)
 
-    def _prefill(self, prompts: list[list[int]]) -> torch.Tensor:
-        """Run ``prompts`` as one left-padded batch, then place them in spare rows.
+    def _prefill_inputs(self, prompts: list[list[int]]) -> _Group:
+        """Joining prompts as a left-padded group with caches of their own.
 
         Layout of a new row: [prefix][padding][the rest of its prompt], where the prefix is what
         every prompt shares with a prompt prefilled before (the Alpaca preamble, a system
@@ -254,7 +335,6 @@ class ContinuousBatch:
         rests = [p[shared:] for p in prompts]
         width = max(len(r) for r in rests)
         ids, mask, positions = left_padded(rests, shared, self.pad_id, self.device)
-        padded = not bool(mask.all())
         shape = (m, self._kv_heads, shared + width, self._head_dim)
         k = [torch.empty(shape, dtype=self._dtype, device=self.device) for _ in range(self._layers)]
         v = [torch.empty(shape, dtype=self._dtype, device=self.device) for _ in range(self._layers)]
@@ -262,20 +342,54 @@ class ContinuousBatch:
             k[layer][:, :, :shared] = self._prefix_k[layer][:, :, :shared]
             v[layer][:, :, :shared] = self._prefix_v[layer][:, :, :shared]
         self.reused_tokens += shared * m
-        hidden = self.model.forward_hidden(
-            ids,
-            position_ids=positions[:, shared:],
-            attention_mask=mask if padded else None,
-            cache=_Window(k, v, m, 0, shared),
-        )
-        if not shared:
-            # Keep the longest prompt's keys/values (it has no padding) for later prefills.
-            row = max(range(m), key=lambda i: len(prompts[i]))
+        padded = not bool(mask.all())
+        window = _Window(k, v, m, 0, shared)
+        return _Group(ids, positions[:, shared:], window, mask, padded, prompts, shared)
+
+    def _prefilled(self, group: _Group) -> None:
+        """Keep a prefix for later prompts and place the prefilled rows after the running ones."""
+        k, v, prompts = group.window.k, group.window.v, group.prompts
+        if not group.shared:
+            # Nothing was reused: keep the longest prompt's keys/values (it has no padding).
+            row = max(range(len(prompts)), key=lambda i: len(prompts[i]))
             self._prefix_ids = list(prompts[row])
             self._prefix_k = [t[row : row + 1].clone() for t in k]
             self._prefix_v = [t[row : row + 1].clone() for t in v]
-        self._place(k, v, mask, positions[:, -1] + 1)
+        self._place(k, v, group.mask, group.positions[:, -1] + 1)
+
+    def _prefill(self, prompts: list[list[int]]) -> torch.Tensor:
+        """Run ``prompts`` as one left-padded batch, then place them in spare rows."""
+        group = self._prefill_inputs(prompts)
+        hidden = self.model.forward_hidden(
+            group.ids,
+            position_ids=group.positions,
+            attention_mask=group.mask if group.padded else None,
+            cache=group.window,
+        )
+        self._prefilled(group)
         return self._logits(hidden)
+
+    def _advance_and_prefill(self, prompts: list[list[int]]) -> torch.Tensor:
+        """``_advance`` and ``_prefill`` in one model call (see ``_Joint``)."""
+        running = self._advance_inputs()
+        joining = self._prefill_inputs(prompts)
+        joint = _Joint([running, joining])
+        hidden = self.model.forward_hidden(
+            torch.cat([g.ids.reshape(-1) for g in joint.groups])[None],
+            position_ids=torch.cat([g.positions.reshape(-1) for g in joint.groups])[None],
+            cache=joint,
+        )[0]
+        n, (m, w) = len(self), joining.ids.shape
+        self._advanced()
+        self._prefilled(joining)
+        # Each running row's one position, then the last position of each joining row.
+        last = torch.cat(
+            [
+                torch.arange(n, device=self.device),
+                n + w - 1 + w * torch.arange(m, device=self.device),
+            ]
+        )
+        return linear(hidden[last], self.model.output_weight)
 
     def _place(
         self,
