@@ -33,9 +33,9 @@ def test_smollm2_book_preset_and_the_cli_lists_every_preset():
     from instructune.config import PRESETS
 
     cfg = preset("smollm2-book")
-    assert (cfg.model, cfg.data, cfg.style) == ("smollm2-135m-instruct", "book", "alpaca")
+    assert (cfg.model, cfg.data, cfg.style) == ("smollm2-135m-instruct", "book", "chat")
     assert cfg.mask_instructions and cfg.lr_schedule == "cosine" and cfg.precision == "auto"
-    assert cfg.freeze_blocks == 15 and cfg.epochs == 1 and cfg.max_steps is None
+    assert cfg.freeze_blocks == 8 and cfg.epochs == 1 and cfg.max_steps is None
     finetune = build_parser()._subparsers._group_actions[0].choices["finetune"]
     (choice,) = [a for a in finetune._actions if a.dest == "preset"]
     assert list(choice.choices) == list(PRESETS)
