@@ -295,6 +295,15 @@ class ContinuousBatch:
         # The head runs on the last position only (cheap, even for a 49k vocabulary).
         return linear(hidden[:, -1], self.model.output_weight)
 
+    def _forward(self, group: _Group) -> torch.Tensor:
+        """The model over one group alone, through its own window: hidden states (rows, w, D)."""
+        return self.model.forward_hidden(
+            group.ids,
+            position_ids=group.positions,
+            attention_mask=group.mask if group.padded else None,
+            cache=group.window,
+        )
+
     def _advance_inputs(self) -> _Group:
         """The running rows' next step as a group: each row's last token, at its next position,
         one more column of the window."""
@@ -313,13 +322,7 @@ class ContinuousBatch:
 
     def _advance(self) -> torch.Tensor:
         """Feed every running row its last token; the logits for the next ones (B, V)."""
-        group = self._advance_inputs()
-        hidden = self.model.forward_hidden(
-            group.ids,
-            position_ids=group.positions,
-            attention_mask=group.mask if group.padded else None,
-            cache=group.window,
-        )
+        hidden = self._forward(self._advance_inputs())
         self._advanced()
         return self._logits(hidden)
 
@@ -360,12 +363,7 @@ class ContinuousBatch:
     def _prefill(self, prompts: list[list[int]]) -> torch.Tensor:
         """Run ``prompts`` as one left-padded batch, then place them in spare rows."""
         group = self._prefill_inputs(prompts)
-        hidden = self.model.forward_hidden(
-            group.ids,
-            position_ids=group.positions,
-            attention_mask=group.mask if group.padded else None,
-            cache=group.window,
-        )
+        hidden = self._forward(group)
         self._prefilled(group)
         return self._logits(hidden)
 
