@@ -28,8 +28,9 @@ if TYPE_CHECKING:
 # is the same; only the order MKL sums in may differ, as between any two batch sizes.
 SMALL_ROWS = 256
 # MKL's transposed product is much slower when the row count is not a multiple of its kernel's
-# width: all 30 SmolLM2 layers' weights at 15 rows take 115 ms and at 16 rows 54 ms; 9-15 rows
-# all take 77-115 ms, 23 rows 127 ms against 71 ms at 24 (AVX2 development machine). So rows
+# width: a SmolLM2 layer's four weight shapes, 30 times over (so cache-resident), take 115 ms
+# at 15 rows and 54 ms at 16; 9-15 rows all take 77-115 ms, 23 rows 127 ms against 71 ms at 24
+# (AVX2 development machine; the real model's 15-row decoding step: 225 -> 164 ms). So rows
 # up to PAD_ROWS_UP_TO are padded with zeros: 1 to 2 (the vector path is slower still), 3 to 4,
 # 5-16 to 16, and above that to a multiple of 8. Padding rows never mix into real ones (each
 # output row is its own dot products), so results are what a batch of that size gives.
