@@ -286,6 +286,35 @@ def test_cache_reorder_copies_the_filled_rows_and_decoding_goes_on_to_max_len(ar
         assert torch.allclose(torch.cat(steps, dim=1), model(kept[1:])[:, 9:], atol=1e-5)
 
 
+def test_linear_over_small_rows_runs_onednn_and_gives_f_linear_results():
+    # Training-sized products go to oneDNN (forward) and MKL (backward): the values and all
+    # three gradients must be F.linear's, a frozen weight must get none, and the route must be
+    # the one taken (else this test would pass on F.linear alone).
+    from instructune.models import layers
+
+    assert layers._ONEDNN_LINEAR is not None, "this PyTorch build has no oneDNN"
+    torch.manual_seed(0)
+    rows = layers.SMALL_ROWS + 45
+    x = torch.randn(3, rows // 3, 24, requires_grad=True)
+    weight = torch.randn(40, 24, requires_grad=True)
+    bias = torch.randn(40, requires_grad=True)
+    with torch.profiler.profile() as prof:
+        out = layers.linear(x, weight, bias)
+    assert any("_linear_pointwise" in e.name for e in prof.events())
+    want = F.linear(x, weight, bias)
+    torch.testing.assert_close(out, want)
+    upstream = torch.randn_like(out)
+    got = torch.autograd.grad(out, (x, weight, bias), upstream)
+    expected = torch.autograd.grad(want, (x, weight, bias), upstream)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e)
+    frozen = weight.detach()
+    (grad_x,) = torch.autograd.grad(layers.linear(x, frozen).sum(), (x,))
+    torch.testing.assert_close(grad_x, torch.autograd.grad(F.linear(x, frozen).sum(), (x,))[0])
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast keeps F.linear's casting
+        assert layers.linear(x, weight, bias).dtype == torch.bfloat16
+
+
 def test_linear_pads_few_rows_and_gives_f_linear_results():
     # Few rows are computed as a padded, transposed product (faster on the CPU); every row
     # count up to past the padding limit, with and without bias, in and out of autograd, must

@@ -125,6 +125,27 @@ def test_grad_scale_hint_never_changes_the_gradients(hint, factor):
     assert torch.allclose(weight.grad, want[1], atol=1e-5)
 
 
+def test_the_usual_upstream_gradient_costs_no_pass_over_the_head_gradient():
+    # The loop multiplies the fp32 loss by the hint it passed (1 / tokens), so backward
+    # receives fp32(hint): that must be recognised as the factor already applied, not
+    # multiplied into the (V, D) head gradient once more (a pass over ~39M floats for GPT-2).
+    torch.manual_seed(0)
+    hidden = torch.randn(9, 16, requires_grad=True)
+    weight = torch.randn(40, 16, requires_grad=True)
+    targets = torch.randint(0, 40, (9,))
+    loss = linear_cross_entropy_sum(hidden, weight, targets, grad_scale=1 / 7) * (1 / 7)
+    with torch.profiler.profile(record_shapes=True) as prof:
+        loss.backward()
+    passes = [e for e in prof.events() if e.name == "aten::mul" and [40, 16] in e.input_shapes]
+    assert passes == []
+    want = torch.autograd.grad(
+        torch.nn.functional.cross_entropy(hidden @ weight.T, targets, reduction="sum") / 7,
+        (hidden, weight),
+    )
+    torch.testing.assert_close(hidden.grad, want[0])
+    torch.testing.assert_close(weight.grad, want[1])
+
+
 def test_loss_without_grad_matches_and_counts_only_supervised():
     torch.manual_seed(0)
     hidden = torch.randn(7, 16)
