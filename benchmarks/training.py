@@ -33,6 +33,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -131,41 +132,71 @@ def _label_loss_region() -> None:
     loss.linear_cross_entropy_sum = labelled
 
 
-def run_transformers(spec: dict) -> dict:
+def _lockstep_wait(spec: dict) -> None:
+    """--lockstep: wait for the driver's go before each step, and before the work after the
+    last one, so that nothing overlaps the other process's steps (see ``_lockstep``)."""
+    if spec.get("lockstep"):
+        sys.stdin.readline()
+
+
+def _lockstep_done(spec: dict) -> None:
+    if spec.get("lockstep"):
+        print("step done", flush=True)
+
+
+def reference_stepper(spec: dict):
     """The reference: transformers' ``GPT2LMHeadModel`` (eager attention, GPT-2 small or medium
     shape, dropout 0 as the book's chapter 7), ``F.cross_entropy`` on the full logits and
-    ``torch.optim.AdamW`` (lr 5e-5, weight decay 0.1), on the same batches as ours."""
+    ``torch.optim.AdamW`` (lr 5e-5, weight decay 0.1). Returns ``step(inputs, targets)``, one
+    optimizer step on a collated batch."""
     import torch
     import torch.nn.functional as F
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from instructune.training.loss import IGNORE_INDEX
 
-    torch.set_num_threads(spec["threads"])
     torch.manual_seed(123)
-    loaded = _load("gpt2")  # the tokenizer and batches only
     shape = {"gpt2": {}, "gpt2-medium": {"n_embd": 1024, "n_layer": 24, "n_head": 16}}
     config = GPT2Config(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **shape[spec["model"]])
     model = GPT2LMHeadModel._from_config(config, attn_implementation="eager").train()
-    del loaded.model
-    items, _val, collate, order = _batches(
-        loaded, Path(spec["data"]), spec["batch_size"], spec["grouped"], spec["max_length"]
-    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.1)
-    seconds = 0.0
-    positions = supervised = 0
-    for n, batch in enumerate(_step_batches(items, order, spec)):
-        t0 = time.perf_counter()
-        inputs, targets = collate([items[i] for i in batch])
+
+    def step(inputs: torch.Tensor, targets: torch.Tensor) -> None:
         logits = model(input_ids=inputs).logits
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def run_transformers(spec: dict) -> dict:
+    """The reference (``reference_stepper``) alone in its process, on the same batches as ours."""
+    import torch
+
+    from instructune.training.loss import IGNORE_INDEX
+
+    torch.set_num_threads(spec["threads"])
+    loaded = _load("gpt2")  # the tokenizer and batches only
+    del loaded.model
+    step = reference_stepper(spec)
+    items, _val, collate, order = _batches(
+        loaded, Path(spec["data"]), spec["batch_size"], spec["grouped"], spec["max_length"]
+    )
+    seconds = 0.0
+    positions = supervised = 0
+    for n, batch in enumerate(_step_batches(items, order, spec)):
+        _lockstep_wait(spec)
+        t0 = time.perf_counter()
+        inputs, targets = collate([items[i] for i in batch])
+        step(inputs, targets)
         if n > 0:  # the first step warms up
             seconds += time.perf_counter() - t0
             positions += inputs.numel()
             supervised += int((targets != IGNORE_INDEX).sum())
+        _lockstep_done(spec)
+    _lockstep_wait(spec)
     return {
         "positions_per_s": positions / seconds,
         "supervised_per_s": supervised / seconds,
@@ -213,6 +244,7 @@ def run_one(spec: dict) -> dict:
     positions = supervised = 0
     profiler = None
     for n, batch in enumerate(batches):
+        _lockstep_wait(spec)
         timed = n > 0
         if timed and spec.get("profile") and profiler is None:
             profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
@@ -229,6 +261,7 @@ def run_one(spec: dict) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         t4 = time.perf_counter()
+        _lockstep_done(spec)
         if timed:
             times["data"] += t1 - t0
             times["forward"] += t2 - t1
@@ -236,6 +269,7 @@ def run_one(spec: dict) -> dict:
             times["optimizer"] += t4 - t3
             positions += inputs.numel()
             supervised += count
+    _lockstep_wait(spec)  # the other process's last step runs alone
     shares = None
     if profiler is not None:
         profiler.__exit__(None, None, None)
@@ -305,6 +339,50 @@ def _child(spec: dict) -> dict:
     return r
 
 
+def _lockstep(spec: dict) -> tuple[dict, dict]:
+    """Ours and the reference in two processes that take turns, one optimizer step each.
+
+    Each process keeps its own heap, as in separate runs, but the machine's speed, which
+    drifts by 15% and more over minutes on a shared VM, is the same for both within a pair of
+    steps. Returns (ours, reference)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"])}
+    specs = ({**spec, "lockstep": True}, {**spec, "lockstep": True, "transformers": True})
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = []
+        for k, one in enumerate(specs):
+            with open(Path(tmp) / f"stderr{k}", "w") as err:
+                procs.append(
+                    subprocess.Popen(
+                        [sys.executable, __file__, "--run-one", json.dumps(one)],
+                        stdin=subprocess.PIPE,
+                        stdout=subprocess.PIPE,
+                        stderr=err,
+                        text=True,
+                        env=env,
+                    )
+                )
+
+        def failed(k: int) -> SystemExit:
+            procs[1 - k].kill()
+            tail = (Path(tmp) / f"stderr{k}").read_text()[-3000:]
+            return SystemExit(f"configuration {specs[k]} failed:\n{tail}")
+
+        for _step in range(spec["steps"] + 1):  # the warm-up step too
+            for k, proc in enumerate(procs):
+                proc.stdin.write("go\n")
+                proc.stdin.flush()
+                while (line := proc.stdout.readline()) != "step done\n":
+                    if not line:
+                        raise failed(k)
+        results = []
+        for k, proc in enumerate(procs):
+            out, _ = proc.communicate()
+            if proc.returncode != 0:
+                raise failed(k)
+            results.append(json.loads(out.strip().splitlines()[-1]))
+    return results[0], results[1]
+
+
 def _print_row(r: dict) -> None:
     s = r["s_per_step"]
     val = f"{r['val_loss']:.4f}" if r["val_loss"] is not None else "-"
@@ -350,6 +428,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--no-packing", action="store_true", help="train on padded batches (before packing)"
+    )
+    p.add_argument(
+        "--lockstep",
+        action="store_true",
+        help="gpt2 fp32: ours and transformers' reference in two processes taking turns step "
+        "by step (the ratio is then robust to the machine's drifting speed)",
     )
     p.add_argument("--run-one", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -424,19 +508,27 @@ def main(argv: list[str] | None = None) -> int:
                     "grouped": grouped,
                     "steps": steps,
                 }
-                r = _child(spec)
+                with_reference = (
+                    model == "gpt2" and precision == "fp32" and not args.no_transformers
+                )
+                if with_reference and args.lockstep:
+                    r, ref = _lockstep(spec)
+                else:
+                    r = _child(spec)
                 results.append(r)
                 _print_row(r)
-                if model == "gpt2" and precision == "fp32" and not args.no_transformers:
-                    # The reference, in this same invocation, on the same batches.
+                if not with_reference:
+                    continue
+                if not args.lockstep:  # the reference after ours, on the same batches
                     ref = _child({**spec, "transformers": True, "profile": False})
-                    print(
-                        f"{'  transformers (eager)':<28}{'grouped' if grouped else 'shuffled':<9}"
-                        f"{ref['positions_per_s']:>9.0f} {ref['supervised_per_s']:>9.0f}"
-                        f"{'':>36}{ref['peak_rss_bytes'] / 1e9:>6.2f}   ours/transformers "
-                        f"x{r['supervised_per_s'] / ref['supervised_per_s']:.2f} (target 1.5)",
-                        flush=True,
-                    )
+                print(
+                    f"{'  transformers (eager)':<28}{'grouped' if grouped else 'shuffled':<9}"
+                    f"{ref['positions_per_s']:>9.0f} {ref['supervised_per_s']:>9.0f}"
+                    f"{'':>36}{ref['peak_rss_bytes'] / 1e9:>6.2f}   ours/transformers "
+                    f"x{r['supervised_per_s'] / ref['supervised_per_s']:.2f} (target 1.5"
+                    f"{'; in lock step' if args.lockstep else ''})",
+                    flush=True,
+                )
     for model in models:
         for grouped in (False, True):
             pair = {
