@@ -144,53 +144,38 @@ def _lockstep_done(spec: dict) -> None:
         print("step done", flush=True)
 
 
-def reference_stepper(spec: dict):
+def run_transformers(spec: dict) -> dict:
     """The reference: transformers' ``GPT2LMHeadModel`` (eager attention, GPT-2 small or medium
     shape, dropout 0 as the book's chapter 7), ``F.cross_entropy`` on the full logits and
-    ``torch.optim.AdamW`` (lr 5e-5, weight decay 0.1). Returns ``step(inputs, targets)``, one
-    optimizer step on a collated batch."""
+    ``torch.optim.AdamW`` (lr 5e-5, weight decay 0.1), on the same batches as ours."""
     import torch
     import torch.nn.functional as F
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from instructune.training.loss import IGNORE_INDEX
 
+    torch.set_num_threads(spec["threads"])
     torch.manual_seed(123)
+    loaded = _load("gpt2")  # the tokenizer and batches only
     shape = {"gpt2": {}, "gpt2-medium": {"n_embd": 1024, "n_layer": 24, "n_head": 16}}
     config = GPT2Config(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **shape[spec["model"]])
     model = GPT2LMHeadModel._from_config(config, attn_implementation="eager").train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.1)
-
-    def step(inputs: torch.Tensor, targets: torch.Tensor) -> None:
-        logits = model(input_ids=inputs).logits
-        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
-
-
-def run_transformers(spec: dict) -> dict:
-    """The reference (``reference_stepper``) alone in its process, on the same batches as ours."""
-    import torch
-
-    from instructune.training.loss import IGNORE_INDEX
-
-    torch.set_num_threads(spec["threads"])
-    loaded = _load("gpt2")  # the tokenizer and batches only
     del loaded.model
-    step = reference_stepper(spec)
     items, _val, collate, order = _batches(
         loaded, Path(spec["data"]), spec["batch_size"], spec["grouped"], spec["max_length"]
     )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.1)
     seconds = 0.0
     positions = supervised = 0
     for n, batch in enumerate(_step_batches(items, order, spec)):
         _lockstep_wait(spec)
         t0 = time.perf_counter()
         inputs, targets = collate([items[i] for i in batch])
-        step(inputs, targets)
+        logits = model(input_ids=inputs).logits
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         if n > 0:  # the first step warms up
             seconds += time.perf_counter() - t0
             positions += inputs.numel()

@@ -84,7 +84,7 @@ class _OneDNNLinear(torch.autograd.Function):
 def _onednn_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     return (
         _ONEDNN_LINEAR is not None
-        and x.dtype == weight.dtype == torch.float32
+        and weight.dtype == torch.float32  # linear has checked that x's matches
         and (bias is None or bias.dtype == torch.float32)
         and weight.is_contiguous()
         and not torch.is_autocast_enabled("cpu")
