@@ -193,6 +193,22 @@ def run_one(spec: dict) -> dict:
     """Time ``spec["steps"]`` optimizer steps of one configuration; return the figures."""
     if spec.get("transformers"):
         return run_transformers(spec)
+    import contextlib
+
+    import torch
+
+    from instructune.training.loop import step_heap
+
+    saving_memory = bool(spec.get("checkpointing")) or spec.get("in_backward", False)
+    heap = step_heap(torch.device("cpu"), saving_memory=saving_memory)
+    if spec.get("mmap_heap"):  # glibc's defaults, as before instructune kept freed memory
+        heap = contextlib.nullcontext()
+    with heap:  # as instructune's training loop does
+        return run_ours(spec)
+
+
+def run_ours(spec: dict) -> dict:
+    """instructune's training step, on the CPU as ``training.loop.train`` runs it."""
     import torch
 
     from instructune.training.loop import autocast_context, evaluate_loss, make_optimizer
@@ -415,6 +431,12 @@ def main(argv: list[str] | None = None) -> int:
         "--no-packing", action="store_true", help="train on padded batches (before packing)"
     )
     p.add_argument(
+        "--mmap-heap",
+        action="store_true",
+        help="leave glibc's malloc at its defaults: large buffers unmapped when freed and "
+        "faulted in again every step (before instructune kept freed memory, utils/heap.py)",
+    )
+    p.add_argument(
         "--lockstep",
         action="store_true",
         help="gpt2 fp32: ours and transformers' reference in two processes taking turns step "
@@ -470,6 +492,7 @@ def main(argv: list[str] | None = None) -> int:
         "max_length": args.max_length,
         "profile": args.profile,
         "no_packing": args.no_packing,
+        "mmap_heap": args.mmap_heap,
     }
     if args.memory:
         return _memory(args, base)

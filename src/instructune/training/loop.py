@@ -33,6 +33,7 @@ from instructune.training.metrics import MetricsLog, Throughput
 from instructune.training.optim import make_optimizer  # noqa: F401  (re-exported)
 from instructune.training.schedule import lr_at
 from instructune.training.state import TrainProgress, capture_rng, restore_rng, save_checkpoint
+from instructune.utils.heap import freed_memory_kept
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (inputs, targets), CPU LongTensors (B, T)
 
@@ -153,6 +154,19 @@ def autocast_context(device: torch.device, precision: str):
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device.type, dtype=dtype)
+
+
+def step_heap(device: torch.device, *, saving_memory: bool) -> contextlib.AbstractContextManager:
+    """Where training steps keep their freed memory for the next step (utils/heap.py).
+
+    On the CPU, unless the run saves memory (activation checkpointing, the optimizer step
+    inside backward): GPT-2 small on the book's data ran 1.17x faster over 40 steps, with
+    8% more peak RSS (3.29 against 3.05 GB), and gpt2-medium's memory-saving run would peak
+    at 0.62x the book's loop's memory instead of 0.58x.
+    """
+    if device.type == "cpu" and not saving_memory:
+        return freed_memory_kept()
+    return contextlib.nullcontext()
 
 
 def split_global_batch(batch: list[int], parts: int) -> list[list[int]]:
@@ -420,8 +434,10 @@ def train(
         dynamic_ncols=True,
     )
     model.train()
+    saving_memory = in_backward or bool(getattr(raw_model, "gradient_checkpointing", False))
+    heap = step_heap(device, saving_memory=saving_memory)
     try:
-        with _StopFlag() as stop:
+        with _StopFlag() as stop, heap:
             while progress.step < total_steps:
                 order = data.order(progress.epoch)
                 batch = order[progress.batches_done]
