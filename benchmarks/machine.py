@@ -11,10 +11,8 @@ import platform
 from pathlib import Path
 
 
-def machine_lines() -> list[str]:
-    import torch
-
-    from instructune.training.metrics import matmul_peak_flops
+def cpu_line() -> str:
+    """The CPU's model, its logical CPUs and the flags that decide matmul speed, and the OS."""
     from instructune.utils.devices import cpu_flags
 
     cpu, flags = platform.processor() or "unknown", cpu_flags()
@@ -27,6 +25,14 @@ def machine_lines() -> list[str]:
         pass
     wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
     shown = " ".join(f"{f}={'yes' if f in flags else 'no'}" for f in wanted)
+    return f"machine: {cpu}; {os.cpu_count()} logical CPUs; flags {shown}; {platform.platform()}"
+
+
+def machine_lines() -> list[str]:
+    import torch
+
+    from instructune.training.metrics import matmul_peak_flops
+
     try:
         import transformers
 
@@ -44,7 +50,7 @@ def machine_lines() -> list[str]:
         bf16_text = f"bf16 {bf16:.1f} GFLOP/s (512x512 probe: no fast bf16 on this CPU)"
     return [
         f"date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC",
-        f"machine: {cpu}; {os.cpu_count()} logical CPUs; flags {shown}; {platform.platform()}",
+        cpu_line(),
         f"python {platform.python_version()}, torch {torch.__version__}{versions}, "
         f"torch threads {torch.get_num_threads()}",
         f"matmul peak (4096x4096, this process): fp32 {fp32:.0f} GFLOP/s, {bf16_text}",

@@ -37,6 +37,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine import cpu_line
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "instruction-data.json"
 
@@ -453,17 +455,13 @@ def main(argv: list[str] | None = None) -> int:
             f"{args.data} not found; pass --data PATH to the book's instruction-data.json"
         )
 
-    import platform
-
     import torch
 
     from instructune.training.metrics import matmul_peak_flops
 
     torch.set_num_threads(args.threads)
-    print(
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch "
-        f"{torch.__version__}, {args.threads} threads"
-    )
+    print(cpu_line())
+    print(f"torch {torch.__version__}, {args.threads} threads")
     peak32 = matmul_peak_flops(torch.float32)
     # A CPU without bf16 instructions emulates bf16 matmuls ~50x slower than fp32; one small
     # probe avoids minutes of 4096^3 bf16 products that would only confirm it.
