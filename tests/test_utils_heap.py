@@ -36,6 +36,8 @@ def resident_pages():
 
 outside = faults_per_step()
 with freed_memory_kept() as applied:
+    with freed_memory_kept():  # a nested block leaves the outer one's setting on exit
+        pass
     inside = faults_per_step()
     kept = resident_pages()
 released = kept - resident_pages()

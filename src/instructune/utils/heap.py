@@ -7,7 +7,9 @@ activations (set_to_none, the end of backward) and asks for the same sizes again
 step, so every step page-faults and zeroes them anew in the kernel. GPT-2 small, batch 8 on
 the book's data (2-core AMD EPYC): ~158k minor faults and ~0.56 s of system CPU time a step,
 against ~5k faults and 0.06 s with every request served from the heap, which is never
-trimmed; peak RSS 2.84 GB against 2.87 GB. This is what a caching allocator does for CUDA.
+trimmed: 1.17x the supervised tokens/s over 40 steps, for 8% more peak RSS (3.29 against
+3.05 GB; freed blocks do not always fit the next request). This is what a caching allocator
+does for CUDA.
 
 Only glibc is touched (other C libraries, macOS and Windows are left as they are).
 """
@@ -26,6 +28,9 @@ _M_MMAP_MAX = -4
 _DEFAULT_TRIM_THRESHOLD = 128 * 1024
 _DEFAULT_MMAP_MAX = 65536
 _NEVER_TRIM = -1  # mallopt(3): "Setting M_TRIM_THRESHOLD to -1 disables trimming completely"
+# Nested blocks: only the outermost sets and restores.
+_depth = 0
+_applied = False
 
 
 @cache
@@ -60,14 +65,18 @@ def freed_memory_kept() -> Iterator[bool]:
     mmap threshold stays where it was) and the heap's free memory is given back to the system.
     Memory allocated inside the block stays where it was put; only later requests change.
     """
+    global _depth, _applied
     libc = _glibc()
     if libc is None:
         yield False
         return
-    applied = _set(libc, 0, _NEVER_TRIM)
+    if _depth == 0:
+        _applied = _set(libc, 0, _NEVER_TRIM)
+    _depth += 1
     try:
-        yield applied
+        yield _applied
     finally:
-        if applied:
+        _depth -= 1
+        if _applied and _depth == 0:
             _set(libc, _DEFAULT_MMAP_MAX, _DEFAULT_TRIM_THRESHOLD)
             libc.malloc_trim(0)
