@@ -21,6 +21,10 @@ import ctypes
 import sys
 from collections.abc import Iterator
 from functools import cache
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 # mallopt parameters (glibc's malloc.h) and glibc's defaults, to restore.
 _M_TRIM_THRESHOLD = -1
@@ -80,3 +84,9 @@ def freed_memory_kept() -> Iterator[bool]:
         if _applied and _depth == 0:
             _set(libc, _DEFAULT_MMAP_MAX, _DEFAULT_TRIM_THRESHOLD)
             libc.malloc_trim(0)
+
+
+def freed_memory_kept_on(device: torch.device) -> contextlib.AbstractContextManager:
+    """``freed_memory_kept()`` for work on the CPU; nothing for an accelerator, whose memory
+    has its own caching allocator."""
+    return freed_memory_kept() if device.type == "cpu" else contextlib.nullcontext()
