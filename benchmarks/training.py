@@ -199,21 +199,12 @@ def run_one(spec: dict) -> dict:
 
     import torch
 
-    from instructune.training.loop import step_heap
-
-    saving_memory = bool(spec.get("checkpointing")) or spec.get("in_backward", False)
-    heap = step_heap(torch.device("cpu"), saving_memory=saving_memory)
-    if spec.get("mmap_heap"):  # glibc's defaults, as before instructune kept freed memory
-        heap = contextlib.nullcontext()
-    with heap:  # as instructune's training loop does
-        return run_ours(spec)
-
-
-def run_ours(spec: dict) -> dict:
-    """instructune's training step, on the CPU as ``training.loop.train`` runs it."""
-    import torch
-
-    from instructune.training.loop import autocast_context, evaluate_loss, make_optimizer
+    from instructune.training.loop import (
+        autocast_context,
+        evaluate_loss,
+        make_optimizer,
+        step_heap,
+    )
     from instructune.training.loss import IGNORE_INDEX, SupervisedLoss
     from instructune.training.metrics import (
         count_matmul_params,
@@ -246,32 +237,37 @@ def run_ours(spec: dict) -> dict:
     times = {"data": 0.0, "forward": 0.0, "backward": 0.0, "optimizer": 0.0}
     positions = supervised = 0
     profiler = None
-    for n, batch in enumerate(batches):
-        _lockstep_wait(spec)
-        timed = n > 0
-        if timed and spec.get("profile") and profiler is None:
-            profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
-            profiler.__enter__()
-        t0 = time.perf_counter()
-        inputs, targets = collate([items[i] for i in batch])
-        count = int((targets != IGNORE_INDEX).sum())
-        t1 = time.perf_counter()
-        with autocast_context(torch.device("cpu"), spec["precision"]):
-            loss_sum = loss_module(inputs, targets, grad_scale=1.0 / count)
-        t2 = time.perf_counter()
-        (loss_sum / count).backward()
-        t3 = time.perf_counter()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        t4 = time.perf_counter()
-        _lockstep_done(spec)
-        if timed:
-            times["data"] += t1 - t0
-            times["forward"] += t2 - t1
-            times["backward"] += t3 - t2
-            times["optimizer"] += t4 - t3
-            positions += inputs.numel()
-            supervised += count
+    # As instructune's training loop keeps freed memory (--mmap-heap: glibc's defaults).
+    heap = step_heap(torch.device("cpu"), model, optimizer)
+    if spec.get("mmap_heap"):
+        heap = contextlib.nullcontext()
+    with heap:
+        for n, batch in enumerate(batches):
+            _lockstep_wait(spec)
+            timed = n > 0
+            if timed and spec.get("profile") and profiler is None:
+                profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+                profiler.__enter__()
+            t0 = time.perf_counter()
+            inputs, targets = collate([items[i] for i in batch])
+            count = int((targets != IGNORE_INDEX).sum())
+            t1 = time.perf_counter()
+            with autocast_context(torch.device("cpu"), spec["precision"]):
+                loss_sum = loss_module(inputs, targets, grad_scale=1.0 / count)
+            t2 = time.perf_counter()
+            (loss_sum / count).backward()
+            t3 = time.perf_counter()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            t4 = time.perf_counter()
+            _lockstep_done(spec)
+            if timed:
+                times["data"] += t1 - t0
+                times["forward"] += t2 - t1
+                times["backward"] += t3 - t2
+                times["optimizer"] += t4 - t3
+                positions += inputs.numel()
+                supervised += count
     _lockstep_wait(spec)  # the other process's last step runs alone
     shares = None
     if profiler is not None:
