@@ -150,6 +150,63 @@ def test_chat_style_with_a_system_turn_matches_transformers(fixtures):
         assert format_prompt(record, "chat", chat_template=template) == expected
 
 
+def test_a_system_prompt_opens_every_prompt_without_one_as_transformers_renders_it(fixtures):
+    """finetune --system-prompt: the system turn of records without one; '' an empty turn in
+    place of SmolLM2's default (20 tokens fewer per record); a record's own turn still wins."""
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(str(fixtures / "tiny-tokenizer"))
+    record = {"instruction": "What is 2 plus 2?", "input": "Show it.", "output": "4"}
+    user = {"role": "user", "content": "What is 2 plus 2?\n\nShow it."}
+    for system_prompt in ("", "Answer briefly."):
+        expected = hf.apply_chat_template(
+            [{"role": "system", "content": system_prompt}, user],
+            chat_template=SMOLLM2,
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        prompt, response = format_example(
+            record, "chat", chat_template=SMOLLM2, system_prompt=system_prompt
+        )
+        assert (prompt, response) == (expected, "4") and "SmolLM" not in prompt
+    assert format_prompt(record, "chat", chat_template=SMOLLM2, system_prompt="").startswith(
+        "<|im_start|>system\n<|im_end|>\n<|im_start|>user\n"
+    )
+    own = {**record, "system": "Answer in French."}
+    assert format_prompt(own, "chat", chat_template=SMOLLM2, system_prompt="") == format_prompt(
+        own, "chat", chat_template=SMOLLM2
+    )
+    # None: the template's own default, as before.
+    assert "SmolLM" in format_prompt(record, "chat", chat_template=SMOLLM2, system_prompt=None)
+    # A conversation without a system turn gets it too, before its first turn only.
+    conversation = {
+        "messages": [
+            {"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "4"},
+            {"role": "user", "content": "3+3?"},
+            {"role": "assistant", "content": "6"},
+        ]
+    }
+    parts = prompts.format_parts(
+        conversation, "chat", chat_template=SMOLLM2, end_token="<|im_end|>", system_prompt=""
+    )
+    assert parts[0][0] == "<|im_start|>system\n<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n" + (
+        "<|im_start|>assistant\n"
+    )
+    assert [r for _, r in parts] == ["4", "6"] and "system" not in parts[1][0]
+    # Styles without a system turn refuse one, rather than drop it silently.
+    with pytest.raises(DataError, match="a system prompt needs a style with a system turn"):
+        prompt_format_for(load_tokenizer_dir(fixtures), "alpaca", "Be brief.")
+    fmt = prompt_format_for(load_tokenizer_dir(fixtures), "chat", "")
+    assert fmt.system_prompt == "" and PromptFormat.from_dict(fmt.to_dict()) == fmt
+    assert PromptFormat.from_dict({"style": "chat"}).system_prompt is None  # older files
+
+
+def load_tokenizer_dir(fixtures):
+    from instructune.tokenization import load_tokenizer
+
+    return load_tokenizer(fixtures / "tiny-tokenizer")
+
+
 def test_system_turn_notice_counts_what_a_style_cannot_express():
     records = [
         {"instruction": "a", "output": "b", "system": "Be brief."},

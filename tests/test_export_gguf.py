@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_data_prompts import SMOLLM2
 
 from instructune.checkpoints import load_model, save_model
 from instructune.checkpoints.gguf import GGUFFile, config_from_gguf
@@ -233,10 +234,16 @@ def style_cases():
         (gpt2, None),
         (replace(gpt2, style="phi3", stop_strings=["<|user|>", "<|assistant|>"]), None),
         (PromptFormat(style="chat", eos_token="<|im_end|>", eos_id=2), chat_template),
+        # Trained with an empty system turn (finetune --system-prompt ''), under a template
+        # whose own default system prompt it replaces.
+        (PromptFormat(style="chat", eos_token="<|im_end|>", eos_id=2, system_prompt=""), SMOLLM2),
     ]
 
 
-@pytest.mark.parametrize("case", style_cases(), ids=["alpaca", "phi3", "chat"])
+STYLE_IDS = ["alpaca", "phi3", "chat", "chat-system-prompt"]
+
+
+@pytest.mark.parametrize("case", style_cases(), ids=STYLE_IDS)
 def test_generated_templates_render_the_trained_prompt(case):
     """Jinja chat template and the Go template's pieces give format_prompt for every record."""
     fmt, template = case
@@ -246,7 +253,9 @@ def test_generated_templates_render_the_trained_prompt(case):
     jinja = jinja_chat_template(fmt, template)
     for record in records:
         message = chat_message(record, pieces)
-        want = format_prompt(record, fmt.style, chat_template=template)
+        want = format_prompt(
+            record, fmt.style, chat_template=template, system_prompt=fmt.system_prompt
+        )
         turns = [{"role": "user", "content": message["prompt"]}]
         if message["system"]:
             turns.insert(0, {"role": "system", "content": message["system"]})
@@ -274,6 +283,23 @@ def test_chat_style_template_uses_system():
     go = ollama_template(prompt_pieces(fmt, template))
     assert go.startswith("{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n")
     assert go.endswith("<|im_end|>\n<|im_start|>assistant\n{{ .Response }}")
+
+
+def test_trained_system_prompt_replaces_the_template_default_in_every_engine():
+    fmt, template = style_cases()[3]
+    from instructune.checkpoints.prompt_templates import ollama_template
+
+    empty_turn = "<|im_start|>system\n<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+    jinja = jinja_chat_template(fmt, template)
+    assert render_jinja(jinja, [{"role": "user", "content": "Hi"}]).startswith(empty_turn)
+    # A system message of the user's own still wins, and nothing else changes.
+    terse = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"}]
+    assert render_jinja(jinja, terse) == render_jinja(template, terse)
+    go = ollama_template(prompt_pieces(fmt, template))
+    assert "{{ else }}<|im_start|>system\n<|im_end|>\n<|im_start|>user\n{{ end }}" in go
+    assert "SmolLM" not in go and "SmolLM" in template
+    # Without one, the template's own default stays (and the template is kept as it is).
+    assert jinja_chat_template(replace(fmt, system_prompt=None), template) == template
 
 
 def test_template_that_cannot_be_cut_is_refused():

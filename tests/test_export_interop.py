@@ -18,6 +18,7 @@ import pytest
 import torch
 from test_export_gguf import (
     EXTRA_RECORDS,
+    STYLE_IDS,
     TEXTS,
     demo_test_records,
     exported_gpt2,
@@ -26,7 +27,11 @@ from test_export_gguf import (
 
 from instructune.checkpoints.gguf_export import export_gguf
 from instructune.checkpoints.modelfile import modelfile_text
-from instructune.checkpoints.prompt_templates import chat_message, prompt_pieces
+from instructune.checkpoints.prompt_templates import (
+    chat_message,
+    jinja_chat_template,
+    prompt_pieces,
+)
 from instructune.data.prompts import format_prompt, prompt_format_for
 from instructune.generation import generate
 from instructune.tokenization.base import encode_prompt
@@ -159,6 +164,26 @@ def test_llama_cpp_chat_template_renders_our_prompt(gpt2_llama_cpp):
         assert formatter(messages=messages).prompt == format_prompt(record)
 
 
+def test_llama_cpp_formats_a_trained_system_prompt_as_we_prompt():
+    """The chat template a GGUF of a model trained with --system-prompt '' carries, in
+    llama-cpp-python's own Jinja formatting: our prompts, with or without a system turn."""
+    llama_cpp_or_skip()
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    fmt, template = style_cases()[3]
+    formatter = Jinja2ChatFormatter(
+        template=jinja_chat_template(fmt, template), eos_token="<|im_end|>", bos_token=""
+    )
+    pieces = prompt_pieces(fmt, template)
+    for record in demo_test_records() + EXTRA_RECORDS:
+        message = chat_message(record, pieces)
+        messages = [{"role": "user", "content": message["prompt"]}]
+        if message["system"]:
+            messages.insert(0, {"role": "system", "content": message["system"]})
+        want = format_prompt(record, "chat", chat_template=template, system_prompt="")
+        assert formatter(messages=messages).prompt == want
+
+
 @pytest.mark.embedded
 def test_embedded_smollm2_f32_in_llama_cpp(tmp_path):
     """The real check: SmolLM2-135M-Instruct exported f32, its own chat format, in llama.cpp."""
@@ -237,7 +262,7 @@ def embedded_chat_case():
 
 
 @pytest.mark.parametrize(
-    "case", [*style_cases(), embedded_chat_case()], ids=["alpaca", "phi3", "chat", "smollm2"]
+    "case", [*style_cases(), embedded_chat_case()], ids=[*STYLE_IDS, "smollm2"]
 )
 def test_go_renders_the_modelfile_template_as_we_prompt(go_renderer, tmp_path, case):
     """Every demo test record (and a few odd ones): Go's rendering == format_prompt, exactly."""
@@ -248,7 +273,9 @@ def test_go_renders_the_modelfile_template_as_we_prompt(go_renderer, tmp_path, c
     records = demo_test_records() + EXTRA_RECORDS
     rendered = go_render(go_renderer, modelfile, [chat_message(r, pieces) for r in records])
     for record, text in zip(records, rendered, strict=False):
-        assert text == format_prompt(record, fmt.style, chat_template=template)
+        assert text == format_prompt(
+            record, fmt.style, chat_template=template, system_prompt=fmt.system_prompt
+        )
     print(f"Go text/template == format_prompt for {len(records)} records ({fmt.style})")
 
 

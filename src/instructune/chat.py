@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import IO, TYPE_CHECKING
 
 from instructune.data.conversation import fit_history, format_conversation
-from instructune.data.prompts import extract_response, get_style
+from instructune.data.prompts import extract_response, get_style, trained_system_prompt
 from instructune.errors import InstructuneError
 from instructune.generation import encode_prompt, stop_ids_for, stream, style_and_stops
 from instructune.generation.sampling import Sampler
@@ -97,8 +97,11 @@ class ChatSession:
             )
         self.system: str | None = None
         self.turns: list[dict[str, str]] = []  # user and assistant messages, oldest first
+        # The saved format (its system prompt included) when chatting in the trained style.
+        fmt = loaded.prompt_format
+        self._format = fmt if fmt is not None and fmt.style == self.style else self.style
         # Render once now, so a style this model cannot use fails before the first message.
-        format_conversation([{"role": "user", "content": "hi"}], self.style, self._template)
+        format_conversation([{"role": "user", "content": "hi"}], self._format, self._template)
         if system:
             self.set_system(system)
 
@@ -116,8 +119,13 @@ class ChatSession:
         """Forget every turn; the system prompt stays."""
         self.turns.clear()
 
+    @property
+    def trained_system(self) -> str | None:
+        """The system prompt the model was trained with, used while none is set (or None)."""
+        return trained_system_prompt(self.loaded.prompt_format, self.style)
+
     def set_system(self, text: str | None) -> None:
-        """Set the system prompt (None or blank clears it)."""
+        """Set the system prompt (None or blank clears it: the trained one applies again)."""
         self.system = text.strip() if text and text.strip() else None
         if self.system and not get_style(self.style).system_turn:
             # Training drops a record's system turn in these styles too (system_turn_notice),
@@ -129,7 +137,7 @@ class ChatSession:
 
     def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
         """The token ids the model is prompted with for ``messages`` (BOS as it was trained)."""
-        text = format_conversation(messages, self.style, self._template)
+        text = format_conversation(messages, self._format, self._template)
         fmt = self.loaded.prompt_format
         add_bos = fmt.add_bos if fmt is not None else None
         return encode_prompt(self.loaded.tokenizer, text, add_bos=add_bos)
@@ -224,7 +232,13 @@ def _command(session: ChatSession, line: str, err: IO[str]) -> bool:
         err.write("conversation reset\n")
     elif name == "/system":
         if not arg:
-            err.write(f"system prompt: {session.system or '(none)'}\n")
+            trained = session.trained_system
+            if session.system:
+                err.write(f"system prompt: {session.system}\n")
+            elif trained is not None:
+                err.write(f"system prompt: the trained one, {trained!r}\n")
+            else:
+                err.write("system prompt: (none)\n")
         elif arg == "-":
             session.set_system(None)
             err.write("system prompt cleared\n")

@@ -101,6 +101,12 @@ class FinetuneConfig(BaseModel):
     style: Literal["alpaca", "phi3", "chat"] | None = Field(
         None, description="prompt style; none: the model's saved style, else alpaca"
     )
+    system_prompt: str | None = Field(
+        None,
+        description="system turn of every prompt without one (chat style), saved with the "
+        "model; '' gives an empty one (shorter prompts); none: the model's saved one, else "
+        "the chat template's default",
+    )
     mask_instructions: bool = Field(
         False, description="no loss on the prompt tokens (the book's exercise 7.2)"
     )

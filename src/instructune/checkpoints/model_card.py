@@ -149,6 +149,11 @@ def card_text(card: ModelCard) -> str:
             f"(id {fmt.eos_id}); BOS {'added' if fmt.add_bos else 'not added'}; stop strings "
             f"{', '.join(f'`{json.dumps(s)}`' for s in fmt.stop_strings) or 'none'}."
         )
+        if fmt.system_prompt is not None:
+            out.append(
+                f"A prompt without a system turn gets the one it was trained with: "
+                f"`{json.dumps(fmt.system_prompt)}`."
+            )
         if fmt.style != "chat":
             example = format_prompt(
                 {"instruction": "Name the capital of France.", "input": ""}, fmt.style

@@ -28,6 +28,7 @@ from instructune.data.prompts import (
     render_chat_template,
     system_message,
     user_message,
+    with_system_prompt,
 )
 from instructune.errors import InstructuneError
 
@@ -45,6 +46,8 @@ class PromptPieces:
     ``system_prefix + system + system_suffix + message + suffix`` with one.
     ``input_joiner`` joins a record's instruction and input into the message (single-prompt
     styles); chat templates take the message as the record's ``user_message``.
+    ``system_prompt`` is the trained one (``PromptFormat.system_prompt``), which ``prefix``
+    then contains.
     """
 
     style: str
@@ -53,6 +56,7 @@ class PromptPieces:
     input_joiner: str | None = None
     system_prefix: str | None = None
     system_suffix: str | None = None
+    system_prompt: str | None = None
 
 
 def _cut(text: str, *markers: str) -> list[str]:
@@ -75,7 +79,10 @@ def prompt_pieces(fmt: PromptFormat, chat_template: str | None = None) -> Prompt
     if style.system_turn:
         if not chat_template:
             raise InstructuneError(f"prompt style {fmt.style!r} needs the tokenizer's template")
-        plain = render_chat_template(chat_template, [{"role": "user", "content": _INSTRUCTION}])
+        plain = render_chat_template(
+            chat_template,
+            with_system_prompt([{"role": "user", "content": _INSTRUCTION}], fmt.system_prompt),
+        )
         prefix, suffix = _cut(plain, _INSTRUCTION)
         with_system = render_chat_template(
             chat_template,
@@ -87,7 +94,9 @@ def prompt_pieces(fmt: PromptFormat, chat_template: str | None = None) -> Prompt
                 "the chat template ends a prompt differently with and without a system turn; "
                 "no Ollama template can be generated for it"
             )
-        return PromptPieces(fmt.style, prefix, suffix, None, system_prefix, system_suffix)
+        return PromptPieces(
+            fmt.style, prefix, suffix, None, system_prefix, system_suffix, fmt.system_prompt
+        )
     plain = format_prompt({"instruction": _INSTRUCTION, "input": ""}, fmt.style)
     prefix, suffix = _cut(plain, _INSTRUCTION)
     both = format_prompt({"instruction": _INSTRUCTION, "input": _INPUT}, fmt.style)
@@ -125,7 +134,12 @@ def check_prompt_pieces(
     """Fail unless the pieces rebuild ``format_prompt`` for every record (a cheap self-check)."""
     for index, record in enumerate(records):
         message = chat_message(record, pieces)
-        want = format_prompt(record, pieces.style, chat_template=chat_template)
+        want = format_prompt(
+            record,
+            pieces.style,
+            chat_template=chat_template,
+            system_prompt=pieces.system_prompt,
+        )
         if render_pieces(pieces, message["prompt"], message["system"]) != want:
             raise InstructuneError(
                 f"record {index}: the generated template does not reproduce its prompt"
@@ -143,14 +157,22 @@ def _jinja_literal(text: str) -> str:
 def jinja_chat_template(fmt: PromptFormat, chat_template: str | None = None) -> str:
     """The GGUF's ``tokenizer.chat_template``: renders a user message as the trained prompt.
 
-    The ``chat`` style was trained with the tokenizer's own template, which is kept as it is.
-    For single-prompt styles each user turn becomes the style's prompt and each assistant turn
+    The ``chat`` style was trained with the tokenizer's own template, which is kept as it is,
+    behind a line that opens a conversation without a system turn with the trained system
+    prompt, when the model has one. For single-prompt styles each user turn becomes the style's prompt and each assistant turn
     its text and the end token; system turns are left out, as the style leaves them out.
     """
     if get_style(fmt.style).system_turn:
         if not chat_template:
             raise InstructuneError(f"prompt style {fmt.style!r} needs the tokenizer's template")
-        return chat_template
+        if fmt.system_prompt is None:
+            return chat_template
+        system = "[{'role': 'system', 'content': " + json.dumps(fmt.system_prompt) + "}]"
+        return (
+            # No whitespace control: the template's own text is kept exactly.
+            "{% set messages = (" + system + " if messages | length == 0 or "
+            "messages[0]['role'] != 'system' else []) + messages %}" + chat_template
+        )
     pieces = prompt_pieces(fmt)
     return (
         "{%- for message in messages -%}"

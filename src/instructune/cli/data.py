@@ -235,6 +235,13 @@ def _style_args(p: argparse.ArgumentParser) -> None:
         metavar="T",
         help="gpt2 (default), a model directory or a tokenizer.json",
     )
+    p.add_argument(
+        "--system-prompt",
+        default=None,
+        metavar="TEXT",
+        help="with --style chat: the system turn of records without one, as finetune "
+        "--system-prompt ('' an empty one; default: the template's own)",
+    )
 
 
 def _help(parser: argparse.ArgumentParser) -> int:
@@ -312,6 +319,10 @@ def cmd_split(args) -> int:
 def _tokenizer_and_template(args):
     from instructune.tokenization import load_tokenizer
 
+    if args.system_prompt is not None and args.style != "chat":
+        from instructune.errors import DataError
+
+        raise DataError(f"--system-prompt needs --style chat (the {args.style} style has none)")
     tokenizer = load_tokenizer(args.tokenizer)
     if args.style == "chat" and not tokenizer.chat_template:
         from instructune.errors import DataError
@@ -350,11 +361,17 @@ def cmd_show(args) -> int:
     records = load_source(args.src)
     index = _record_index(records, args.index)
     end_token, template = "", None
-    if args.style == "chat":
+    if args.style == "chat" or args.system_prompt is not None:
         tokenizer, template = _tokenizer_and_template(args)
         end_token = tokenizer.eos_token
     record = records[index]
-    parts = format_parts(record, args.style, chat_template=template, end_token=end_token)
+    parts = format_parts(
+        record,
+        args.style,
+        chat_template=template,
+        end_token=end_token,
+        system_prompt=args.system_prompt,
+    )
     _system_turn_notice([record], args.style)
     prompt, response = parts[-1]
     if args.json:
@@ -401,12 +418,19 @@ def cmd_inspect(args) -> int:
         split=args.split,
         seed=args.seed,
         source=str(records.source),
+        system_prompt=args.system_prompt,
     )
     view = None
     if args.tokens is not None:
         index = _record_index(records, args.tokens)
         where = f"record {index} ({records.locations[index]})"
-        view = token_view(records[index], tokenizer, style=args.style, where=where)
+        view = token_view(
+            records[index],
+            tokenizer,
+            style=args.style,
+            where=where,
+            system_prompt=args.system_prompt,
+        )
     if args.json:
         shown = report.to_dict()
         if view is not None:

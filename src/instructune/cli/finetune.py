@@ -44,6 +44,7 @@ METAVARS = {
     "model_overrides": "K=V,...",
     "data": "SOURCE",
     "val_data": "FILE",
+    "system_prompt": "TEXT",
     "test_data": "FILE",
     "out": "DIR",
     "device": "DEVICE",

@@ -99,7 +99,7 @@ def _style_and_stops(loaded, args) -> tuple[str, list[str]]:
 
 
 def _answer_prompt(loaded, args, options: dict) -> int:
-    from instructune.data.prompts import format_prompt
+    from instructune.data.prompts import format_prompt, trained_system_prompt
     from instructune.generation import encode_prompt, stop_ids_for, stream
 
     tokenizer, fmt = loaded.tokenizer, loaded.prompt_format
@@ -108,7 +108,12 @@ def _answer_prompt(loaded, args, options: dict) -> int:
     else:
         style, stops = _style_and_stops(loaded, args)
         record = {"instruction": args.prompt, "input": ""}
-        text = format_prompt(record, style, chat_template=tokenizer.chat_template)
+        text = format_prompt(
+            record,
+            style,
+            chat_template=tokenizer.chat_template,
+            system_prompt=trained_system_prompt(fmt, style),
+        )
     ids = encode_prompt(tokenizer, text, add_bos=fmt.add_bos if fmt is not None else None)
     pieces = stream(
         loaded.model,

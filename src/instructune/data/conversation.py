@@ -22,7 +22,12 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from instructune.data.prompts import PromptFormat, format_prompt, render_chat_template
+from instructune.data.prompts import (
+    PromptFormat,
+    format_prompt,
+    render_chat_template,
+    with_system_prompt,
+)
 from instructune.errors import DataError
 
 ROLES = ("system", "user", "assistant")
@@ -112,8 +117,9 @@ def format_conversation(
     Args:
         messages: ``{"role": "system" | "user" | "assistant", "content": str}`` dicts, ending
             with a user message (system turns may come anywhere).
-        prompt_format: the model's ``PromptFormat`` (``LoadedModel.prompt_format``), or a style
-            name (``alpaca``, ``phi3``, ``chat``); None means ``alpaca``, as for ``generate``.
+        prompt_format: the model's ``PromptFormat`` (``LoadedModel.prompt_format``: its system
+            prompt opens messages without a system turn), or a style name (``alpaca``,
+            ``phi3``, ``chat``); None means ``alpaca``, as for ``generate``.
         chat_template: the tokenizer's chat template; needed by the ``chat`` style only.
 
     Raises:
@@ -129,6 +135,8 @@ def format_conversation(
             "prompt style 'chat' needs the tokenizer's chat template, and this tokenizer has "
             "none: use the alpaca or phi3 style"
         )
+    if isinstance(prompt_format, PromptFormat):
+        messages = with_system_prompt(messages, prompt_format.system_prompt)
     return render_chat_template(chat_template, messages, add_generation_prompt=True)
 
 

@@ -54,6 +54,7 @@ def tokenize_record(
     style: str = "alpaca",
     *,
     chat_template: str | None = None,
+    system_prompt: str | None = None,
 ) -> TokenizedRecord:
     """Tokenise one record: prompt and response separately, then concatenated (exercise 7.2).
 
@@ -64,7 +65,13 @@ def tokenize_record(
     """
     if style == "chat" and chat_template is None:
         chat_template = tokenizer.chat_template
-    parts = format_parts(record, style, chat_template=chat_template, end_token=tokenizer.eos_token)
+    parts = format_parts(
+        record,
+        style,
+        chat_template=chat_template,
+        end_token=tokenizer.eos_token,
+        system_prompt=system_prompt,
+    )
     if tokenizer.add_bos and tokenizer.bos_id is None:
         raise ValueError(f"{tokenizer.name}: add_bos is set but bos_id is None")
     ids = encode_prompt(tokenizer, parts[0][0])
@@ -87,14 +94,19 @@ def tokenize_pair(
     style: str = "alpaca",
     *,
     chat_template: str | None = None,
+    system_prompt: str | None = None,
 ) -> tuple[TokenizedRecord, TokenizedRecord]:
     """A preference record (``chosen``, ``rejected``) as two sequences with the same prompt:
     each is ``tokenize_record`` of the record with that response as its ``output``."""
-    chosen = tokenize_record(
-        {**record, "output": record["chosen"]}, tokenizer, style, chat_template=chat_template
-    )
-    rejected = tokenize_record(
-        {**record, "output": record["rejected"]}, tokenizer, style, chat_template=chat_template
+    chosen, rejected = (
+        tokenize_record(
+            {**record, "output": record[key]},
+            tokenizer,
+            style,
+            chat_template=chat_template,
+            system_prompt=system_prompt,
+        )
+        for key in ("chosen", "rejected")
     )
     return chosen, rejected
 
@@ -105,11 +117,16 @@ def tokenize_records(
     style: str = "alpaca",
     *,
     chat_template: str | None = None,
+    system_prompt: str | None = None,
 ) -> list[TokenizedRecord]:
     """Tokenise every record once (the book's ``InstructionDataset`` does this in ``__init__``).
 
-    For ``style="chat"`` the tokenizer's own chat template is used unless one is given.
+    For ``style="chat"`` the tokenizer's own chat template is used unless one is given, with
+    ``system_prompt`` as the system turn of a record without one (None: the template's own).
     """
     return [
-        tokenize_record(record, tokenizer, style, chat_template=chat_template) for record in records
+        tokenize_record(
+            record, tokenizer, style, chat_template=chat_template, system_prompt=system_prompt
+        )
+        for record in records
     ]

@@ -101,14 +101,15 @@ def inspect_records(
     split: str = "train",
     seed: int = 123,
     source: str = "<records>",
+    system_prompt: str | None = None,
 ) -> InspectReport:
     """Measure ``records`` as the training job will see them.
 
     Padding shares are for one epoch of ``split`` (``train``, ``test``, ``val`` or ``all``)
     in batches of ``batch_size`` (the book's loader: shuffled, last partial batch dropped),
-    without and with length grouping.
+    without and with length grouping. ``system_prompt``: as ``finetune --system-prompt``.
     """
-    items = tokenize_records(records, tokenizer, style)
+    items = tokenize_records(records, tokenizer, style, system_prompt=system_prompt)
     lengths = [len(item.ids) for item in items]
     n_train, n_test, n_val = (len(part) for part in split_records(range(len(items))))
     parts = {
@@ -220,12 +221,13 @@ def token_view(
     *,
     style: str = "alpaca",
     where: str = "",
+    system_prompt: str | None = None,
 ) -> dict[str, Any]:
     """What training makes of one record: its ids in runs of prompt and response.
 
     Returns ``{"where", "tokens", "supervised", "answers", "segments": [TokenSegment as dict]}``.
     """
-    item = tokenize_record(record, tokenizer, style)
+    item = tokenize_record(record, tokenizer, style, system_prompt=system_prompt)
     segments = token_segments(item, tokenizer)
     return {
         "where": where,

@@ -9,8 +9,9 @@ Styles:
 * ``phi3``: the book's exercise 7.1 (``<|user|>\\n{instruction}``, ``\\n{input}`` when there is
   one, then ``\\n<|assistant|>:\\n`` and the output).
 * ``chat``: the tokenizer's own Jinja chat template, rendered with ``jinja2``: the record's
-  ``system`` turn when it has one, one user message (the instruction, plus ``"\\n\\n" + input``
-  when there is one) and the generation prompt.
+  ``system`` turn when it has one (else the run's ``system_prompt``, when one is set; else
+  whatever the template does without one), one user message (the instruction, plus
+  ``"\\n\\n" + input`` when there is one) and the generation prompt.
   A multi-turn record (one with ``messages``) is its conversation instead: the turns before
   the last answer and the generation prompt; :func:`format_parts` gives every answer.
 
@@ -58,6 +59,9 @@ class PromptFormat:
         stop_strings: extra strings at which generation stops (e.g. ``"### Instruction:"``).
         add_bos: whether a beginning-of-sequence token is put in front of every sequence.
         bos_id: that token's id, when ``add_bos``.
+        system_prompt: the system turn of a prompt that brings none (``chat`` style): the one
+            the model was trained with. None: the chat template's own default (SmolLM2's adds
+            "You are a helpful AI assistant named SmolLM, ..."); ``""``: an empty system turn.
     """
 
     style: str = "alpaca"
@@ -66,6 +70,7 @@ class PromptFormat:
     stop_strings: list[str] = field(default_factory=list)
     add_bos: bool = False
     bos_id: int | None = None
+    system_prompt: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -99,11 +104,15 @@ def format_input(record: Mapping[str, Any]) -> str:
 # --- styles -----------------------------------------------------------------------------------
 
 
-def _alpaca(record: Mapping[str, Any], chat_template: str | None) -> tuple[str, str]:
+def _alpaca(
+    record: Mapping[str, Any], chat_template: str | None, system_prompt: str | None
+) -> tuple[str, str]:
     return format_input(record) + f"\n\n{ALPACA_RESPONSE_MARKER}\n", _text(record, "output")
 
 
-def _phi3(record: Mapping[str, Any], chat_template: str | None) -> tuple[str, str]:
+def _phi3(
+    record: Mapping[str, Any], chat_template: str | None, system_prompt: str | None
+) -> tuple[str, str]:
     inp = _text(record, "input")
     prompt = f"{PHI3_USER}\n{_text(record, 'instruction')}" + (f"\n{inp}" if inp else "")
     return prompt + f"\n{PHI3_ASSISTANT}\n", _text(record, "output")
@@ -148,11 +157,30 @@ def _need_template(chat_template: str | None) -> str:
     return chat_template
 
 
-def _chat(record: Mapping[str, Any], chat_template: str | None) -> tuple[str, str]:
+def with_system_prompt(
+    messages: list[dict[str, str]], system_prompt: str | None
+) -> list[dict[str, str]]:
+    """``messages`` opened by a ``system_prompt`` turn when they have no system turn of their
+    own; as they are when ``system_prompt`` is None (the template's own default then)."""
+    if system_prompt is None or any(m["role"] == "system" for m in messages):
+        return messages
+    return [{"role": "system", "content": system_prompt}, *messages]
+
+
+def trained_system_prompt(fmt: PromptFormat | None, style: str) -> str | None:
+    """The system prompt for a model saved with ``fmt`` and prompted in ``style``: the one it
+    was trained with; None (the template's own) when it has none or ``style`` is another."""
+    return fmt.system_prompt if fmt is not None and fmt.style == style else None
+
+
+def _chat(
+    record: Mapping[str, Any], chat_template: str | None, system_prompt: str | None
+) -> tuple[str, str]:
     template = _need_template(chat_template)
     turns = record_conversation(record)
     if turns is not None:
         # The last exchange, in the context of the turns before it.
+        turns = with_system_prompt(turns, system_prompt)
         prompt = render_chat_template(template, turns[:-1], add_generation_prompt=True)
         return prompt, turns[-1]["content"]
     messages = [{"role": "user", "content": user_message(record)}]
@@ -161,6 +189,7 @@ def _chat(record: Mapping[str, Any], chat_template: str | None) -> tuple[str, st
         # Given to the template as the first turn, so a template with a default system prompt
         # (SmolLM2's) uses the record's instead of its own.
         messages.insert(0, {"role": "system", "content": system})
+    messages = with_system_prompt(messages, system_prompt)
     return render_chat_template(template, messages, add_generation_prompt=True), _text(
         record, "output"
     )
@@ -172,14 +201,14 @@ class PromptStyle:
 
     Attributes:
         name: the name used on the command line and in ``instructune.json``.
-        build: ``(record, chat_template) -> (prompt, response)``.
+        build: ``(record, chat_template, system_prompt) -> (prompt, response)``.
         markers: the strings the book's extraction removes from generated text.
         stop_strings: strings at which generation stops: the start of a new turn.
         description: one line for ``--help``.
     """
 
     name: str
-    build: Callable[[Mapping[str, Any], str | None], tuple[str, str]]
+    build: Callable[[Mapping[str, Any], str | None, str | None], tuple[str, str]]
     markers: tuple[str, ...]
     stop_strings: tuple[str, ...]
     description: str
@@ -228,14 +257,19 @@ def style_names() -> list[str]:
 
 
 def format_example(
-    record: Mapping[str, Any], style: str = "alpaca", *, chat_template: str | None = None
+    record: Mapping[str, Any],
+    style: str = "alpaca",
+    *,
+    chat_template: str | None = None,
+    system_prompt: str | None = None,
 ) -> tuple[str, str]:
     """``(prompt, response)`` for a record; ``prompt + response`` is the training text.
 
     The prompt ends with the style's response marker; the end token is not part of the response
-    text (tokenisation appends it as an id).
+    text (tokenisation appends it as an id). ``system_prompt`` is the system turn of a record
+    without one (``chat`` style; see ``PromptFormat.system_prompt``).
     """
-    return get_style(style).build(record, chat_template)
+    return get_style(style).build(record, chat_template, system_prompt)
 
 
 def format_parts(
@@ -244,6 +278,7 @@ def format_parts(
     *,
     chat_template: str | None = None,
     end_token: str = "",
+    system_prompt: str | None = None,
 ) -> list[tuple[str, str]]:
     """The training text of a record as ``[(prompt, response), ...]``: one pair per response.
 
@@ -259,7 +294,10 @@ def format_parts(
     """
     turns = record_conversation(record) if style == "chat" else None
     if turns is None:
-        return [format_example(record, style, chat_template=chat_template)]
+        return [
+            format_example(record, style, chat_template=chat_template, system_prompt=system_prompt)
+        ]
+    turns = with_system_prompt(turns, system_prompt)
     return chat_parts(turns, _need_template(chat_template), end_token=end_token)
 
 
@@ -331,10 +369,16 @@ def _not_prefixes(at: int) -> DataError:
 
 
 def format_prompt(
-    record: Mapping[str, Any], style: str = "alpaca", *, chat_template: str | None = None
+    record: Mapping[str, Any],
+    style: str = "alpaca",
+    *,
+    chat_template: str | None = None,
+    system_prompt: str | None = None,
 ) -> str:
     """Everything the model sees before its answer, ending with the style's response marker."""
-    return format_example(record, style, chat_template=chat_template)[0]
+    return format_example(record, style, chat_template=chat_template, system_prompt=system_prompt)[
+        0
+    ]
 
 
 def extract_response(generated_text: str, style: str = "alpaca") -> str:
@@ -391,12 +435,19 @@ def stop_strings_for(style: str) -> list[str]:
     return list(get_style(style).stop_strings)
 
 
-def prompt_format_for(tokenizer: Any, style: str = "alpaca") -> PromptFormat:
-    """The :class:`PromptFormat` a model fine-tuned with ``tokenizer`` and ``style`` is saved with.
+def prompt_format_for(
+    tokenizer: Any, style: str = "alpaca", system_prompt: str | None = None
+) -> PromptFormat:
+    """The :class:`PromptFormat` a model fine-tuned with ``tokenizer`` and ``style`` (and
+    ``system_prompt``) is saved with.
 
-    ``tokenizer`` is any :class:`instructune.tokenization.Tokenizer`.
+    ``tokenizer`` is any :class:`instructune.tokenization.Tokenizer`. Raises DataError for a
+    ``system_prompt`` with a style that has no system turn.
     """
-    get_style(style)
+    if not get_style(style).system_turn and system_prompt is not None:
+        raise DataError(
+            f"a system prompt needs a style with a system turn (chat); the {style} style has none"
+        )
     if style == "chat" and not tokenizer.chat_template:
         raise DataError(f"prompt style 'chat' needs a chat template; {tokenizer.name} has none")
     return PromptFormat(
@@ -406,6 +457,7 @@ def prompt_format_for(tokenizer: Any, style: str = "alpaca") -> PromptFormat:
         stop_strings=stop_strings_for(style),
         add_bos=bool(tokenizer.add_bos),
         bos_id=tokenizer.bos_id if tokenizer.add_bos else None,
+        system_prompt=system_prompt,
     )
 
 

@@ -102,7 +102,8 @@ def answer_records(
     continuous refill (``generation.refill``): a finished answer's row takes the next record at
     once, so no batch waits for its longest answer.
 
-    Each record is prompted with ``format_prompt(record, style)``; the answer is
+    Each record is prompted with ``format_prompt(record, style)`` (with the system prompt the
+    model was trained with, if any); the answer is
     ``extract_response`` of the new text, stored under ``response_key`` in a copy of the record.
 
     Args:
@@ -128,7 +129,7 @@ def answer_records(
     """
     from tqdm.auto import tqdm
 
-    from instructune.data.prompts import extract_response, format_prompt
+    from instructune.data.prompts import extract_response, format_prompt, trained_system_prompt
     from instructune.utils.io import atomic_write_json
 
     tokenizer, fmt = loaded.tokenizer, loaded.prompt_format
@@ -143,10 +144,13 @@ def answer_records(
         for i, answer in _previous_answers(out_path, out, response_key).items():
             out[i][response_key] = answer
     pending = [i for i, r in enumerate(out) if response_key not in r]
+    system_prompt = trained_system_prompt(fmt, style)
     prompts = {
         i: encode_prompt(
             tokenizer,
-            format_prompt(out[i], style, chat_template=tokenizer.chat_template),
+            format_prompt(
+                out[i], style, chat_template=tokenizer.chat_template, system_prompt=system_prompt
+            ),
             add_bos=add_bos,
         )
         for i in pending

@@ -47,6 +47,7 @@ def build_loop_data(
     world_size: int = 1,
     *,
     max_length: int | None = None,
+    system_prompt: str | None = None,
 ) -> LoopData:
     """Tokenise once and describe the batches: the loop's ``LoopData``.
 
@@ -54,12 +55,13 @@ def build_loop_data(
     records from the pure ``batch_order`` (shuffled, or length-grouped; the last incomplete
     batch dropped, as the book's ``drop_last=True``); validation batches are in file order.
     Sequences are cut at ``max_length`` (the run's resolved length; None: ``cfg.max_length``).
+    ``system_prompt`` is the run's resolved one (``PromptFormat.system_prompt``).
     """
     from instructune.data.collate import make_collate
     from instructune.data.dataset import tokenize_records
 
-    train_items = tokenize_records(train_records, tokenizer, style)
-    val_items = tokenize_records(val_records, tokenizer, style)
+    train_items = tokenize_records(train_records, tokenizer, style, system_prompt=system_prompt)
+    val_items = tokenize_records(val_records, tokenizer, style, system_prompt=system_prompt)
     collate = make_collate(
         pad_id=tokenizer.pad_id,
         max_length=cfg.max_length if max_length is None else max_length,

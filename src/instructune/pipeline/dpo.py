@@ -137,6 +137,9 @@ def reference_key(run: Run, max_length: int) -> str:
         str(max_length),
         run.precision,
     ]
+    system_prompt = run.loaded.prompt_format.system_prompt
+    if system_prompt is not None:  # (absent otherwise: earlier caches keep their keys)
+        parts.append("system_prompt:" + system_prompt)
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
@@ -175,8 +178,11 @@ def build_dpo_data(run: Run, max_length: int) -> LoopData:
     from instructune.training.loop import autocast_context
 
     cfg, info, tokenizer = run.cfg, run.info, run.loaded.tokenizer
-    train_pairs = [tokenize_pair(r, tokenizer, run.style) for r in run.train_records]
-    val_pairs = [tokenize_pair(r, tokenizer, run.style) for r in run.val_records]
+    system_prompt = run.loaded.prompt_format.system_prompt
+    train_pairs, val_pairs = (
+        [tokenize_pair(r, tokenizer, run.style, system_prompt=system_prompt) for r in records]
+        for records in (run.train_records, run.val_records)
+    )
     pairs = train_pairs + val_pairs
     key = reference_key(run, max_length)
     path = run.out / REFERENCE_FILE

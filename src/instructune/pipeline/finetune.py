@@ -220,6 +220,9 @@ def set_up(
     max_length = resolve_max_length(cfg.max_length, loaded)
     saved_format = loaded.prompt_format
     run.style = cfg.style or (saved_format.style if saved_format is not None else "alpaca")
+    system_prompt = cfg.system_prompt
+    if system_prompt is None and saved_format is not None and saved_format.style == run.style:
+        system_prompt = saved_format.system_prompt  # trained on as it was trained
     run.timings["load_s"] = time.perf_counter() - t0
     n_params = sum(p.numel() for p in loaded.model.parameters())
     run.say(
@@ -237,7 +240,7 @@ def set_up(
     t0 = time.perf_counter()
     # Answers and samples are prompted as the saved model will be: with the run's format.
     run.loaded = dataclasses.replace(
-        loaded, prompt_format=prompt_format_for(loaded.tokenizer, run.style)
+        loaded, prompt_format=prompt_format_for(loaded.tokenizer, run.style, system_prompt)
     )
     if make_data is not None:
         run.data = make_data(run, max_length)
@@ -250,6 +253,7 @@ def set_up(
             run.val_records,
             info.world_size,
             max_length=max_length,
+            system_prompt=system_prompt,
         )
     run.timings["tokenize_s"] = time.perf_counter() - t0
 
