@@ -11,13 +11,16 @@ import json
 import shutil
 from pathlib import Path
 
+import ollama
 import pytest
-from helpers import save_tiny_llama
+from helpers import Server, save_tiny_llama
 from test_data_prompts import SMOLLM2
 
 from instructune.checkpoints import load_model
 from instructune.cli.main import main
-from instructune.data.prompts import format_prompt
+from instructune.data.prompts import format_prompt, render_chat_template
+from instructune.serving.app import create_app
+from instructune.serving.models import ModelRegistry
 from instructune.tokenization import load_tokenizer
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -121,6 +124,11 @@ def test_answers_generate_chat_and_serve_prompt_with_it(tuned):
     assert tok.decode(served.text_ids("Hi", system="Be terse.")).startswith(
         "<|im_start|>system\nBe terse.<|im_end|>"
     )
+    # Over HTTP, with Ollama's own client: /api/show gives the template it is prompted with.
+    with Server(create_app(ModelRegistry([served]))) as server:
+        shown = ollama.Client(host=server.url, timeout=60).show("m")
+    assert shown.template.startswith("{% set messages = ([{'role': 'system', 'content': \"\"}]")
+    assert render_chat_template(shown.template, user) == trained
 
 
 def test_generate_prompt_uses_it(tuned, capsys, monkeypatch):

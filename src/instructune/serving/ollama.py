@@ -21,6 +21,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 import instructune
+from instructune.checkpoints.prompt_templates import jinja_chat_template
 from instructune.serving.fields import (
     RequestError,
     check_messages,
@@ -269,7 +270,11 @@ async def show(request: Request) -> Any:
     body = await read_json(request, request.app.state.max_body)
     model = _find(request, body)
     fmt = model.prompt_format
-    template = model.loaded.tokenizer.chat_template if fmt.style == "chat" else None
+    chat_template = model.loaded.tokenizer.chat_template
+    # The template the model is prompted with: its own, opened by its trained system prompt.
+    template = (
+        jinja_chat_template(fmt, chat_template) if fmt.style == "chat" and chat_template else None
+    )
     stops = [*fmt.stop_strings, fmt.eos_token]
     return {
         "modelfile": f"# served by instructune\nFROM {model.spec}\n",
