@@ -159,8 +159,9 @@ def jinja_chat_template(fmt: PromptFormat, chat_template: str | None = None) -> 
 
     The ``chat`` style was trained with the tokenizer's own template, which is kept as it is,
     behind a line that opens a conversation without a system turn with the trained system
-    prompt, when the model has one. For single-prompt styles each user turn becomes the style's prompt and each assistant turn
-    its text and the end token; system turns are left out, as the style leaves them out.
+    prompt, when the model has one. For single-prompt styles each user turn becomes the
+    style's prompt and each assistant turn its text and the end token; system turns are left
+    out, as the style leaves them out.
     """
     if get_style(fmt.style).system_turn:
         if not chat_template:

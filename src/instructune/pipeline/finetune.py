@@ -200,6 +200,7 @@ def set_up(
         multi_turn_notice,
         prompt_format_for,
         system_turn_notice,
+        trained_system_prompt,
     )
     from instructune.training.loop import make_optimizer
     from instructune.training.metrics import environment
@@ -220,9 +221,12 @@ def set_up(
     max_length = resolve_max_length(cfg.max_length, loaded)
     saved_format = loaded.prompt_format
     run.style = cfg.style or (saved_format.style if saved_format is not None else "alpaca")
-    system_prompt = cfg.system_prompt
-    if system_prompt is None and saved_format is not None and saved_format.style == run.style:
-        system_prompt = saved_format.system_prompt  # trained on as it was trained
+    # Not given: a model trained with a system prompt is trained on with it.
+    system_prompt = (
+        cfg.system_prompt
+        if cfg.system_prompt is not None
+        else trained_system_prompt(saved_format, run.style)
+    )
     run.timings["load_s"] = time.perf_counter() - t0
     n_params = sum(p.numel() for p in loaded.model.parameters())
     run.say(

@@ -162,9 +162,9 @@ def step_heap(
     """Where training steps keep their freed memory for the next step (utils/heap.py).
 
     On the CPU, unless the run saves memory (the model's activation checkpointing, the
-    optimizer's step inside backward): GPT-2 small on the book's data ran 1.17x faster over 40 steps, with
-    8% more peak RSS (3.29 against 3.05 GB), and gpt2-medium's memory-saving run would peak
-    at 0.62x the book's loop's memory instead of 0.58x.
+    optimizer's step inside backward): GPT-2 small on the book's data ran 1.17x faster over
+    40 steps, with 8% more peak RSS (3.29 against 3.05 GB), and gpt2-medium's memory-saving
+    run would peak at 0.62x the book's loop's memory instead of 0.58x.
     """
     saving_memory = getattr(optimizer, "in_backward", False) or bool(
         getattr(model, "gradient_checkpointing", False)
