@@ -7,6 +7,7 @@ The model is a tiny random Llama with SmolLM2's chat template, whose default sys
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from pathlib import Path
@@ -95,7 +96,7 @@ def test_the_run_trains_on_and_saves_its_system_prompt(tuned, data_file, tmp_pat
 
 
 def test_answers_generate_chat_and_serve_prompt_with_it(tuned):
-    from instructune.chat import ChatSession
+    from instructune.chat import ChatSession, _command
     from instructune.generation import answer_records
     from instructune.serving.models import load_served
 
@@ -117,6 +118,17 @@ def test_answers_generate_chat_and_serve_prompt_with_it(tuned):
     assert session.trained_system == ""
     session.set_system("Be terse.")
     assert "system\nBe terse.<|im_end|>" in tok.decode(session.prompt_ids(session.messages + user))
+    # /system shows and /system - clears it; the trained one then applies again.
+    err = io.StringIO()
+    _command(session, "/system", err)
+    _command(session, "/system -", err)
+    _command(session, "/system", err)
+    assert err.getvalue().splitlines() == [
+        "system prompt: Be terse.",
+        "system prompt cleared (the trained one, '', applies again)",
+        "system prompt: the trained one, ''",
+    ]
+    assert tok.decode(session.prompt_ids(session.messages + user)) == trained
 
     served = load_served("m", str(tuned))
     assert tok.decode(served.chat_ids(user)) == trained

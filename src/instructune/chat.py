@@ -241,7 +241,9 @@ def _command(session: ChatSession, line: str, err: IO[str]) -> bool:
                 err.write("system prompt: (none)\n")
         elif arg == "-":
             session.set_system(None)
-            err.write("system prompt cleared\n")
+            trained = session.trained_system
+            back = "" if trained is None else f" (the trained one, {trained!r}, applies again)"
+            err.write(f"system prompt cleared{back}\n")
         else:
             session.set_system(arg)
             err.write("system prompt set\n")
