@@ -166,7 +166,7 @@ def test_a_style_without_a_system_turn_refuses_one(tmp_path, data_file, capsys):
     assert main(args) != 0
     assert "a system prompt needs a style with a system turn" in capsys.readouterr().err
     assert main(["data", "show", str(data_file), "0", "--system-prompt", ""]) != 0
-    assert "--system-prompt needs --style chat" in capsys.readouterr().err
+    assert "a system prompt needs a style with a system turn" in capsys.readouterr().err
 
 
 def test_data_inspect_and_show_measure_it(smollm2_tokenizer_dir, data_file, capsys):

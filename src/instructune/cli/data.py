@@ -317,12 +317,10 @@ def cmd_split(args) -> int:
 
 
 def _tokenizer_and_template(args):
+    from instructune.data.prompts import check_system_prompt
     from instructune.tokenization import load_tokenizer
 
-    if args.system_prompt is not None and args.style != "chat":
-        from instructune.errors import DataError
-
-        raise DataError(f"--system-prompt needs --style chat (the {args.style} style has none)")
+    check_system_prompt(args.style, args.system_prompt)
     tokenizer = load_tokenizer(args.tokenizer)
     if args.style == "chat" and not tokenizer.chat_template:
         from instructune.errors import DataError

@@ -435,6 +435,15 @@ def stop_strings_for(style: str) -> list[str]:
     return list(get_style(style).stop_strings)
 
 
+def check_system_prompt(style: str, system_prompt: str | None) -> None:
+    """Raise DataError for a ``system_prompt`` given with a style that has no system turn: it
+    would be dropped silently otherwise."""
+    if system_prompt is not None and not get_style(style).system_turn:
+        raise DataError(
+            f"a system prompt needs a style with a system turn (chat); the {style} style has none"
+        )
+
+
 def prompt_format_for(
     tokenizer: Any, style: str = "alpaca", system_prompt: str | None = None
 ) -> PromptFormat:
@@ -444,10 +453,7 @@ def prompt_format_for(
     ``tokenizer`` is any :class:`instructune.tokenization.Tokenizer`. Raises DataError for a
     ``system_prompt`` with a style that has no system turn.
     """
-    if not get_style(style).system_turn and system_prompt is not None:
-        raise DataError(
-            f"a system prompt needs a style with a system turn (chat); the {style} style has none"
-        )
+    check_system_prompt(style, system_prompt)
     if style == "chat" and not tokenizer.chat_template:
         raise DataError(f"prompt style 'chat' needs a chat template; {tokenizer.name} has none")
     return PromptFormat(
