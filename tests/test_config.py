@@ -42,6 +42,21 @@ def test_smollm2_book_preset_and_the_cli_lists_every_preset():
     assert list(choice.choices) == list(PRESETS)
 
 
+def test_lora_on_top_of_a_preset_drops_its_frozen_blocks_but_not_the_users(tmp_path):
+    # smollm2-book freezes the embedding for full fine-tuning; LoRA keeps every base weight
+    # fixed anyway, so `--preset smollm2-book --lora-rank 16` must not fail on a setting the
+    # user never gave.
+    cfg = resolve_config(preset_name="smollm2-book", flags={"lora_rank": 16})
+    assert cfg.lora_rank == 16 and cfg.freeze_blocks is None
+    assert resolve_config(preset_name="smollm2-book").freeze_blocks == 0
+    given = resolve_config(preset_name="smollm2-book", flags={"lora_rank": 16, "freeze_blocks": 2})
+    assert given.freeze_blocks == 2  # the user's own: the run refuses it, naming both
+    path = tmp_path / "run.yaml"
+    path.write_text("preset: smollm2-book\nfreeze-blocks: 3\n")
+    from_file = resolve_config(config_file=path, flags={"lora_rank": 16})
+    assert from_file.freeze_blocks == 3
+
+
 def test_default_preset_is_offline_and_sparse():
     cfg = resolve_config()
     assert cfg.model == "smollm2-135m-instruct" and cfg.data == "demo"
