@@ -16,7 +16,7 @@ matmul peak are printed first.
 
     python benchmarks/recipe.py                                   # baseline seed 123, preset x3
     python benchmarks/recipe.py --recipes smollm2-book --seeds 123 --validation
-    python benchmarks/recipe.py --recipes baseline --extra "--lr 1e-4"   # try a variation
+    python benchmarks/recipe.py --recipes baseline --extra="--lr 1e-4"   # try a variation
 """
 
 from __future__ import annotations
@@ -120,7 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", default="123,124,125", help="seeds of every recipe but baseline")
     p.add_argument("--baseline-seeds", default="123", help="seeds of the baseline")
     p.add_argument("--validation", action="store_true", help="also score the validation split")
-    p.add_argument("--extra", default="", help="more finetune flags for every run")
+    p.add_argument(
+        "--extra", default="", help='more finetune flags for every run (--extra="--flag")'
+    )
     p.add_argument("--out", default=str(REPO / "runs" / "recipe-bench"))
     args = p.parse_args(argv)
     if not Path(args.data).exists():
