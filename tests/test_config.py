@@ -37,6 +37,7 @@ def test_smollm2_book_preset_and_the_cli_lists_every_preset():
     assert cfg.mask_instructions and cfg.lr_schedule == "cosine" and cfg.precision == "auto"
     assert cfg.freeze_blocks == 0 and cfg.epochs == 1 and cfg.max_steps is None
     assert cfg.system_prompt == ""  # an empty system turn, not SmolLM2's default
+    assert cfg.group_by_length is False  # chosen on the validation split (docs/results.md)
     finetune = build_parser()._subparsers._group_actions[0].choices["finetune"]
     (choice,) = [a for a in finetune._actions if a.dest == "preset"]
     assert list(choice.choices) == list(PRESETS)
