@@ -475,11 +475,10 @@ def resolve_config(
     if flags:
         cfg = apply_overrides(cfg, flags, source="command line")
     given = {str(name).replace("-", "_") for name in [*file_values, *(flags or {})]}
-    if "freeze_blocks" in type(cfg).model_fields and "freeze_blocks" not in given:
-        if cfg.lora_rank is not None and cfg.freeze_blocks is not None:
-            # A preset's frozen blocks are a choice for full fine-tuning; LoRA asked for on
-            # top of it keeps every base weight fixed anyway.
-            cfg = apply_overrides(cfg, {"freeze_blocks": None}, source="LoRA")
+    if cfg.lora_rank is not None and cfg.freeze_blocks is not None and "freeze_blocks" not in given:
+        # A preset's frozen blocks are a choice for full fine-tuning; LoRA asked for on top of
+        # it keeps every base weight fixed anyway.
+        cfg = apply_overrides(cfg, {"freeze_blocks": None}, source="LoRA")
     return cfg.validate()
 
 

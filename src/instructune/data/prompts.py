@@ -376,9 +376,10 @@ def format_prompt(
     system_prompt: str | None = None,
 ) -> str:
     """Everything the model sees before its answer, ending with the style's response marker."""
-    return format_example(record, style, chat_template=chat_template, system_prompt=system_prompt)[
-        0
-    ]
+    prompt, _ = format_example(
+        record, style, chat_template=chat_template, system_prompt=system_prompt
+    )
+    return prompt
 
 
 def extract_response(generated_text: str, style: str = "alpaca") -> str:
