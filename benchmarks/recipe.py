@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -78,6 +79,10 @@ def run_recipe(name: str, seed: int, args: argparse.Namespace) -> dict:
     }
     if args.validation:
         row.update(_validation_scores(out, run["config"]["max_new_tokens"], args))
+    if not args.keep_checkpoints:
+        # The saved model, its answers and its metrics stay; the checkpoints (weights and
+        # optimizer state, 1.3 GB a run of this model) would fill the disk over a sweep.
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
     return row
 
 
@@ -124,6 +129,11 @@ def main(argv: list[str] | None = None) -> int:
         "--extra", default="", help='more finetune flags for every run (--extra="--flag")'
     )
     p.add_argument("--out", default=str(REPO / "runs" / "recipe-bench"))
+    p.add_argument(
+        "--keep-checkpoints",
+        action="store_true",
+        help="keep each run's checkpoints/ (removed once it is scored: 1.3 GB a run)",
+    )
     args = p.parse_args(argv)
     if not Path(args.data).exists():
         raise SystemExit(f"{args.data} not found; pass --data PATH to the book's file")

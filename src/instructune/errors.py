@@ -19,3 +19,8 @@ class ModelLoadError(InstructuneError):
 
 class OfflineError(InstructuneError):
     """Something must be downloaded, but the network is unreachable and nothing is cached."""
+
+
+class StorageError(InstructuneError):
+    """A file could not be written because its disk is full; the message names the folder, the
+    space free, and what was kept."""

@@ -16,6 +16,7 @@ Each stage is a function of :class:`Run`, the state handed from one stage to the
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import time
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from instructune.config import ConfigError, FinetuneConfig
+from instructune.errors import StorageError
 from instructune.pipeline.data import build_loop_data, global_batch, load_splits
 from instructune.pipeline.messages import _info, _warn
 from instructune.pipeline.model import load_for_training, resolve_max_length, resolve_precision
@@ -476,7 +478,8 @@ def loop_settings(cfg: FinetuneConfig, *, precision: str, quiet: bool) -> LoopSe
 def train(run: Run) -> dict[str, Any]:
     """The initial losses (fresh runs), then the loop to the last step; the run's summary.
 
-    On TrainingDiverged or TrainingInterrupted, run.json's status says so before it is raised.
+    On TrainingDiverged, TrainingInterrupted or a full disk (StorageError), run.json's status
+    says so before it is raised.
     """
     from instructune.training import distributed as dist
     from instructune.training.loop import TrainingDiverged, TrainingInterrupted
@@ -505,10 +508,18 @@ def train(run: Run) -> dict[str, Any]:
             objective=run.objective,
         )
         run.timings["train_s"] = time.perf_counter() - t0
-    except (TrainingDiverged, TrainingInterrupted) as exc:
+    except (TrainingDiverged, TrainingInterrupted, StorageError) as exc:
         if info.is_main:  # run.json says how the run ended; --resume continues either way
-            status = "diverged" if isinstance(exc, TrainingDiverged) else "interrupted"
-            atomic_write_json(run.out / RUN_FILE, {**run.run_info, "status": status})
+            status = (
+                "diverged"
+                if isinstance(exc, TrainingDiverged)
+                else "disk full"
+                if isinstance(exc, StorageError)
+                else "interrupted"
+            )
+            # On a full disk even this small file may not fit: the error above says more.
+            with contextlib.suppress(StorageError):
+                atomic_write_json(run.out / RUN_FILE, {**run.run_info, "status": status})
         raise
     finally:
         metrics.close()

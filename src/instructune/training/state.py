@@ -10,7 +10,9 @@ A checkpoint is a directory ``checkpoints/step-000050/`` holding
 - ``manifest.json``: size and sha256 of each of the files above, written last.
 
 It is written into a temporary directory and renamed into place, so a crash leaves either the
-old set or the new one. On load the manifest is checked; a checkpoint whose files are missing,
+old set or the new one; a disk without room for it stops the run with a :class:`StorageError`
+before anything is written (or, should the space go while writing, once the partial directory
+is removed). On load the manifest is checked; a checkpoint whose files are missing,
 truncated or altered is skipped with a warning, and the one before it is used. The data order
 needs no state: it is a pure function of (seed, epoch), so a resumed run recomputes it and
 skips the batches already done.
@@ -32,8 +34,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from instructune.errors import InstructuneError
-from instructune.utils.io import atomic_write_json, sha256_file
+from instructune.errors import InstructuneError, StorageError
+from instructune.utils.io import (
+    atomic_write_json,
+    format_bytes,
+    free_bytes,
+    is_disk_full,
+    sha256_file,
+)
 
 CHECKPOINT_DIR = "checkpoints"
 MODEL_FILE = "model.safetensors"
@@ -201,6 +209,9 @@ def save_checkpoint(
     root = Path(run_dir) / CHECKPOINT_DIR
     root.mkdir(parents=True, exist_ok=True)
     final = root / _step_name(progress.step)
+    needed = checkpoint_bytes(model, optimizer)
+    if free_bytes(root) < needed:
+        raise _no_room(root, progress.step, needed)
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -208,20 +219,31 @@ def save_checkpoint(
     if rng_states is None:
         rng_states = [capture_rng()]
     files = [MODEL_FILE, STATE_FILE]
-    save_model(model, str(tmp / MODEL_FILE))
-    for rank, rng in enumerate(rng_states):
-        _torch_save(rng, tmp / rng_file(rank))
-        files.append(rng_file(rank))
-    if optimizer is not None:
-        opt_state = {"optimizer": optimizer.state_dict()}
-        if scaler is not None:
-            opt_state["scaler"] = scaler.state_dict()
-        _torch_save(opt_state, tmp / OPTIMIZER_FILE)
-        files.append(OPTIMIZER_FILE)
-    state = {"progress": progress.to_dict(), "rng_ranks": len(rng_states), **(extra or {})}
-    atomic_write_json(tmp / STATE_FILE, state)
-    _write_manifest(tmp, files)  # last: a checkpoint without a manifest is incomplete
-    _fsync_dir(tmp)
+    try:
+        save_model(model, str(tmp / MODEL_FILE))
+        for rank, rng in enumerate(rng_states):
+            _torch_save(rng, tmp / rng_file(rank))
+            files.append(rng_file(rank))
+        if optimizer is not None:
+            opt_state = {"optimizer": optimizer.state_dict()}
+            if scaler is not None:
+                opt_state["scaler"] = scaler.state_dict()
+            _torch_save(opt_state, tmp / OPTIMIZER_FILE)
+            files.append(OPTIMIZER_FILE)
+        state = {"progress": progress.to_dict(), "rng_ranks": len(rng_states), **(extra or {})}
+        atomic_write_json(tmp / STATE_FILE, state)
+        _write_manifest(tmp, files)  # last: a checkpoint without a manifest is incomplete
+        _fsync_dir(tmp)
+    except BaseException as exc:
+        # torch.save's zip writer reports a full disk only as "unexpected pos", so the space
+        # left when the write failed (before the partial directory goes) says what happened.
+        full = isinstance(exc, Exception) and (
+            isinstance(exc, StorageError) or is_disk_full(exc) or free_bytes(root) < 1 << 20
+        )
+        shutil.rmtree(tmp, ignore_errors=True)
+        if full:
+            raise _no_room(root, progress.step, needed) from exc
+        raise
     if final.exists():  # the same step saved again (e.g. Ctrl-C right after a checkpoint)
         old = root / f".old-{final.name}-{os.getpid()}"
         os.replace(final, old)
@@ -233,6 +255,48 @@ def save_checkpoint(
     _update_best(root, final, progress)
     prune_checkpoints(root, keep=keep)
     return final
+
+
+def checkpoint_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> int:
+    """About the bytes a checkpoint of ``model`` and ``optimizer`` takes on disk.
+
+    The weights (tied tensors counted once) and the optimizer's state tensors, plus 1 MiB for
+    the random states, the JSON files and the headers.
+    """
+    seen: set[int] = set()
+
+    def tensor_bytes(obj: Any) -> int:
+        if torch.is_tensor(obj):
+            if obj.data_ptr() in seen:
+                return 0
+            seen.add(obj.data_ptr())
+            return obj.numel() * obj.element_size()
+        if isinstance(obj, dict):
+            return sum(tensor_bytes(v) for v in obj.values())
+        if isinstance(obj, (list, tuple)):
+            return sum(tensor_bytes(v) for v in obj)
+        return 0
+
+    total = (1 << 20) + tensor_bytes(model.state_dict())
+    if optimizer is not None:  # its state_dict nests (the in-backward optimizer: a list of them)
+        total += tensor_bytes(optimizer.state_dict())
+    return total
+
+
+def _no_room(root: Path, step: int, needed: int) -> StorageError:
+    """The error for a checkpoint that does not fit: the folder, the sizes, what was kept."""
+    saved = [p.name for p in list_checkpoints(root.parent)]
+    what_now = (
+        f"The checkpoints saved before it ({', '.join(saved)}) are intact: free some space and "
+        f"continue the run with --resume {root.parent}."
+        if saved
+        else "Free some space (or checkpoint less often) and run again."
+    )
+    return StorageError(
+        f"not enough space to save the checkpoint of step {step} in {root}: it needs about "
+        f"{format_bytes(needed)} and its disk has {format_bytes(free_bytes(root))} free. "
+        + what_now
+    )
 
 
 def _update_best(root: Path, path: Path, progress: TrainProgress) -> None:

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
+
+from instructune.errors import StorageError
 
 
 @contextmanager
@@ -33,12 +37,52 @@ def atomic_writer(path: str | os.PathLike) -> Iterator[BinaryIO]:
         # open() would have, so saved models and data stay readable by the user's group.
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if is_disk_full(exc):
+            raise StorageError(
+                f"could not write {path}: no space left on its disk "
+                f"({format_bytes(free_bytes(path.parent))} free); the file was not changed"
+            ) from exc
         raise
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) is the operating system's "no space left" error.
+
+    Python's own writes raise OSError with ENOSPC (or EDQUOT for a quota); safetensors' writer
+    wraps the same error in its own exception type, with the OS's text ("os error 28").
+    """
+    seen: BaseException | None = exc
+    for _ in range(4):  # the exception, its cause, and theirs
+        if seen is None:
+            break
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(seen)
+        if f"os error {errno.ENOSPC}" in text or os.strerror(errno.ENOSPC) in text:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def free_bytes(path: str | os.PathLike) -> int:
+    """Bytes free to this user on the file system that holds ``path`` (or its nearest parent)."""
+    here = Path(path).absolute()
+    while not here.exists() and here != here.parent:
+        here = here.parent
+    return shutil.disk_usage(here).free
+
+
+def format_bytes(n: float) -> str:
+    """``n`` bytes as people read it: 512 B, 3.4 MB, 1.62 GB (powers of 1000, as df -H)."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{int(n)} B"
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
