@@ -39,7 +39,7 @@ def padded_batch(vocab: int):
 
 def test_packed_rows_cut_each_row_after_its_last_target():
     inputs, targets = padded_batch(300)
-    packed_inputs, packed_targets, segments = packed_rows(inputs, targets)
+    packed_inputs, packed_targets, segments, _kept = packed_rows(inputs, targets)
     assert segments == (20, 9, 14)
     assert packed_inputs.shape == packed_targets.shape == (1, 43)
     assert packed_inputs[0, 20:29].tolist() == inputs[1, :9].tolist()
@@ -79,3 +79,53 @@ def test_packed_forward_matches_each_sequence_alone():
     torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="packed input must be"):
         model.forward_hidden(torch.cat(seqs)[None], segments=(7, 12))
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_per_record_loss_is_the_sum_of_each_rows_mean_cross_entropy(pack):
+    """``per_record``: the fused, packed loss and its gradients equal those of the book's
+    full-logits cross-entropy taken as each row's token mean, summed over rows (a row
+    without a target adds nothing), for any grad_scale."""
+    inputs, targets = padded_batch(300)
+    model = model_of("smollm2-135m")
+    model.packs_sequences = pack
+    loss = supervised_loss_sum(model, inputs, targets, per_record=True, grad_scale=0.25)
+    (loss * 0.25).backward()
+    fused_grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+
+    reference_model = model_of("smollm2-135m")
+    reference_model.packs_sequences = False
+    logits = reference_model(inputs)
+    per_row = [
+        torch.nn.functional.cross_entropy(logits[i], targets[i], ignore_index=IGNORE_INDEX)
+        for i in range(3)  # row 3 has no target
+    ]
+    reference = torch.stack(per_row).sum()
+    (reference * 0.25).backward()
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-6)
+    for k, p in reference_model.named_parameters():
+        torch.testing.assert_close(fused_grads[k], p.grad, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_the_objective_counts_records_or_tokens():
+    from instructune.training.loop import SupervisedObjective
+
+    inputs, targets = padded_batch(300)
+    assert SupervisedObjective().sizes((inputs, targets)) == (39, 39, 80)
+    assert SupervisedObjective(per_record=True).sizes((inputs, targets)) == (3, 39, 80)
+
+
+def test_per_record_weights_reach_the_fp16_gradients():
+    """Under fp16 the row weights ride with the 2**15 factor on the gradient operand; the
+    gradients match fp32's per-record ones to fp16's rounding."""
+    inputs, targets = padded_batch(300)
+    grads = {}
+    for precision in ("fp32", "fp16"):
+        model = model_of("smollm2-135m")
+        with torch.autocast("cpu", dtype=torch.float16, enabled=precision == "fp16"):
+            loss = supervised_loss_sum(model, inputs, targets, per_record=True, grad_scale=1 / 3)
+        (loss / 3).backward()
+        grads[precision] = {k: p.grad.float() for k, p in model.named_parameters()}
+    for k, ref in grads["fp32"].items():
+        error = float((grads["fp16"][k] - ref).norm() / ref.norm())
+        assert error < 1e-2, (k, error)

@@ -81,3 +81,30 @@ def test_max_length_longer_than_the_context_is_refused_before_training(tmp_path)
     with pytest.raises(ConfigError, match=r"max_length 64 .* context length .*\(32 tokens\)"):
         run_finetune(cfg)
     assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("average", ["token", "record"])
+def test_loss_average_sets_what_the_first_step_minimises(tmp_path, average):
+    """Step 1's logged loss is the first batch's loss under the starting weights: its token
+    mean, or with ``--loss-average record`` the mean of its records' token means."""
+    import torch
+
+    from instructune.pipeline import finetune as stages
+    from instructune.training.loop import SupervisedObjective
+    from instructune.training.metrics import read_metrics
+
+    cfg = tiny_cfg(tmp_path / "run", mask_instructions=True, loss_average=average)
+    run = stages.start(cfg)
+    stages.set_up(run)
+    batch = run.data.collate([run.data.items[i] for i in run.data.order(0)[0]])
+    means = {}
+    for name in ("token", "record"):
+        objective = SupervisedObjective(per_record=name == "record")
+        with torch.no_grad():
+            loss_sum = objective.loss_module(run.loaded.model)(*batch).item()
+        means[name] = loss_sum / objective.sizes(batch)[0]
+    # This batch tells the two apart.
+    assert means["token"] != pytest.approx(means["record"], rel=1e-4)
+    stages.train(run)
+    (step,) = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "step"]
+    assert step["loss"] == pytest.approx(means[average], rel=1e-5)

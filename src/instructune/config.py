@@ -110,6 +110,12 @@ class FinetuneConfig(BaseModel):
     mask_instructions: bool = Field(
         False, description="no loss on the prompt tokens (the book's exercise 7.2)"
     )
+    loss_average: Literal["token", "record"] = Field(
+        "token",
+        description="what a step's loss averages: token (every supervised token alike, the "
+        "book's) or record (each record's mean token loss alike: a one-word answer weighs as "
+        "much as a paragraph)",
+    )
     max_length: int | None = Field(
         None,
         ge=2,

@@ -482,7 +482,11 @@ def train(run: Run) -> dict[str, Any]:
     says so before it is raised.
     """
     from instructune.training import distributed as dist
-    from instructune.training.loop import TrainingDiverged, TrainingInterrupted
+    from instructune.training.loop import (
+        SupervisedObjective,
+        TrainingDiverged,
+        TrainingInterrupted,
+    )
     from instructune.training.loop import train as train_loop
     from instructune.training.metrics import MetricsLog
 
@@ -505,7 +509,7 @@ def train(run: Run) -> dict[str, Any]:
             scaler=run.scaler,
             compile_model=cfg.compile,
             on_epoch_end=(lambda epoch: _sample(run, epoch)) if cfg.sample_every_epoch else None,
-            objective=run.objective,
+            objective=run.objective or SupervisedObjective(per_record=cfg.loss_average == "record"),
         )
         run.timings["train_s"] = time.perf_counter() - t0
     except (TrainingDiverged, TrainingInterrupted, StorageError) as exc:

@@ -28,7 +28,12 @@ from torch import nn
 
 from instructune.errors import InstructuneError
 from instructune.training import distributed as dist
-from instructune.training.loss import IGNORE_INDEX, SupervisedLoss
+from instructune.training.loss import (
+    IGNORE_INDEX,
+    SupervisedLoss,
+    count_records,
+    count_supervised,
+)
 from instructune.training.metrics import MetricsLog, Throughput
 from instructune.training.optim import make_optimizer  # noqa: F401  (re-exported)
 from instructune.training.schedule import lr_at
@@ -98,16 +103,24 @@ class Objective(Protocol):
     def describe(self, train: dict[str, float | None], val: dict[str, float | None]) -> str: ...
 
 
+@dataclass(frozen=True)
 class SupervisedObjective:
-    """The fine-tuning loss: the mean over supervised tokens (finetune's objective)."""
+    """The fine-tuning loss: the mean over supervised tokens (finetune's objective), or with
+    ``per_record`` the mean over records of each record's mean token loss.
+
+    Evaluation reports the token mean either way, so validation losses compare across runs.
+    """
+
+    per_record: bool = False
 
     def loss_module(self, model: nn.Module) -> nn.Module:
-        return SupervisedLoss(model)
+        return SupervisedLoss(model, per_record=self.per_record)
 
     def sizes(self, batch: tuple[torch.Tensor, ...]) -> tuple[int, int, int]:
         inputs, targets = batch
-        count = int((targets != IGNORE_INDEX).sum())
-        return count, count, inputs.numel()
+        count = count_supervised(targets)
+        units = count_records(targets) if self.per_record else count
+        return units, count, inputs.numel()
 
     def evaluate(self, model, items, batches, collate, *, device, precision, info):
         loss = evaluate_loss(

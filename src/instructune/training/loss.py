@@ -10,6 +10,9 @@ replaced by one (chunk, V) buffer. The arithmetic is the same as the book's
 
 Losses are returned as a *sum* with the count of supervised tokens, so that the caller can
 divide by the global count of an optimizer step (gradient accumulation, several processes).
+With ``per_record`` each row's tokens are weighted by 1 / its supervised tokens, so the sum
+counts records instead (a one-word answer weighs as much as a paragraph) and the caller
+divides by the records of the step.
 """
 
 from __future__ import annotations
@@ -32,11 +35,14 @@ def _chunk_loss_and_grad(
     t: torch.Tensor,
     want_grad: bool,
     grad_mult: torch.Tensor | None = None,
+    row_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Sum of -log p(t | h) for one chunk, and d(sum)/d(logits) when ``want_grad``.
+    """Sum of -log p(t | h) for one chunk (each row's term times ``row_weights``, (n,), when
+    given), and d(sum)/d(logits) when ``want_grad``.
 
-    ``grad_mult`` (a 0-dim tensor) multiplies the returned gradient, folded into the
-    normalisation and the one-hot so that it costs no extra pass over the (n, V) buffer.
+    ``grad_mult`` (a 0-dim tensor) multiplies the returned gradient; it and the row weights are
+    folded into the normalisation and the one-hot so that they cost no extra pass over the
+    (n, V) buffer.
     """
     logits = linear(h, w).float()  # (n, V); softmax statistics in fp32
     # Everything in place on the logits buffer: shift by the row max, exp, sum, and scale the
@@ -47,13 +53,16 @@ def _chunk_loss_and_grad(
     target_shifted = shifted[rows, t]
     probs = shifted.exp_()  # unnormalised
     row_sums = probs.sum(dim=1)
-    loss = (row_sums.log() - target_shifted).sum()  # sum of lse - target logit
+    per_row = row_sums.log() - target_shifted  # lse - target logit
+    loss = per_row.sum() if row_weights is None else per_row.mul(row_weights).sum()
     if not want_grad:
         return loss, None
-    # softmax(logits) - onehot(t), times grad_mult.
-    norm = row_sums.reciprocal() if grad_mult is None else grad_mult / row_sums
-    grad = probs.mul_(norm.unsqueeze(1))
-    grad[rows, t] -= 1.0 if grad_mult is None else grad_mult
+    # (softmax(logits) - onehot(t)) times grad_mult, each row times its weight.
+    onehot = torch.ones_like(row_sums) if row_weights is None else row_weights.float()
+    if grad_mult is not None:
+        onehot = onehot * grad_mult
+    grad = probs.mul_((onehot / row_sums).unsqueeze(1))
+    grad[rows, t] -= onehot
     return loss, grad
 
 
@@ -92,7 +101,9 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_rows, compute_dtype, grad_scale):  # noqa: D102
+    def forward(  # noqa: D102
+        ctx, hidden, weight, targets, chunk_rows, compute_dtype, grad_scale, row_weights
+    ):
         w = weight.to(compute_dtype)
         fp16 = compute_dtype == torch.float16
         if fp16:
@@ -110,7 +121,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
             h = hidden[rows].to(compute_dtype)
-            loss, grad = _chunk_loss_and_grad(h, w, targets[rows], True, mult)
+            weights = None if row_weights is None else row_weights[rows]
+            loss, grad = _chunk_loss_and_grad(h, w, targets[rows], True, mult, weights)
             total += loss
             g = grad.to(compute_dtype)
             if fp16:
@@ -151,7 +163,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             grad_weight = grad_weight * factor if want_weight else grad_weight
         hidden_dtype, weight_dtype = ctx.dtypes
         grad_weight = grad_weight.to(weight_dtype) if want_weight else None
-        return grad_hidden.to(hidden_dtype), grad_weight, None, None, None, None
+        return grad_hidden.to(hidden_dtype), grad_weight, None, None, None, None, None
 
 
 def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
@@ -169,6 +181,7 @@ def linear_cross_entropy_sum(
     *,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     grad_scale: float = 1.0,
+    row_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sum over rows of ``cross_entropy(hidden @ weight.T, targets)``, chunked.
 
@@ -178,6 +191,7 @@ def linear_cross_entropy_sum(
         targets: (N,) token ids (no -100 here).
         grad_scale: what the caller will multiply the sum by before ``backward`` (a hint
             that saves a pass over the (V, D) gradient; any value gives correct gradients).
+        row_weights: (N,) a factor for each row's term (none: 1).
     """
     dtype = _compute_dtype(hidden)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
@@ -186,12 +200,17 @@ def linear_cross_entropy_sum(
         # Rounded the same way here, the usual upstream gradient matches the hint exactly and
         # backward skips a pass over the (V, D) gradient (80 ms a step for GPT-2 on the CPU).
         scale = struct.unpack("f", struct.pack("f", float(grad_scale) or 1.0))[0]
-        return _FusedLinearCrossEntropy.apply(hidden, weight, targets, chunk_rows, dtype, scale)
+        return _FusedLinearCrossEntropy.apply(
+            hidden, weight, targets, chunk_rows, dtype, scale, row_weights
+        )
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     w = weight.to(dtype)
     for start in range(0, hidden.shape[0], chunk_rows):
-        h = hidden[start : start + chunk_rows].to(dtype)
-        loss, _ = _chunk_loss_and_grad(h, w, targets[start : start + chunk_rows], False)
+        rows = slice(start, start + chunk_rows)
+        weights = None if row_weights is None else row_weights[rows]
+        loss, _ = _chunk_loss_and_grad(
+            hidden[rows].to(dtype), w, targets[rows], False, None, weights
+        )
         total += loss
     return total
 
@@ -208,33 +227,55 @@ def supervised_loss_sum(
     *,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     grad_scale: float = 1.0,
+    per_record: bool = False,
 ) -> torch.Tensor:
     """Summed token loss of a batch: the head and softmax only where targets != -100.
 
     ``model`` must offer ``forward_hidden(input_ids)`` -> (B, T, D) and ``output_weight``
     -> (V, D), as instructune's models do. ``grad_scale``: see ``linear_cross_entropy_sum``.
+    ``per_record``: the sum over rows of each row's mean token loss (:func:`record_weights`).
 
     On a CPU, a batch with padding is packed first (:func:`packed_rows`) when the model takes
     ``segments``, so no arithmetic is spent on padded positions; the loss is the same sum.
     """
+    weights = record_weights(targets) if per_record else None
     packed = None
     if inputs.device.type == "cpu" and getattr(model, "packs_sequences", False):
         packed = packed_rows(inputs, targets)
     if packed is not None:
-        inputs, targets, segments = packed
+        inputs, targets, segments, keep = packed
+        weights = None if weights is None else weights[keep][None]
         hidden = model.forward_hidden(inputs, segments=segments)
     else:
         hidden = model.forward_hidden(inputs)
     return loss_sum_from_hidden(
-        hidden, model.output_weight, targets, chunk_rows=chunk_rows, grad_scale=grad_scale
+        hidden,
+        model.output_weight,
+        targets,
+        chunk_rows=chunk_rows,
+        grad_scale=grad_scale,
+        token_weights=weights,
     )
+
+
+def record_weights(targets: torch.Tensor) -> torch.Tensor:
+    """(B, T) weights that make a summed token loss a sum of per-row mean losses: 1 / the
+    row's supervised tokens at each of them, 0 elsewhere."""
+    supervised = (targets != IGNORE_INDEX).float()
+    return supervised / supervised.sum(dim=1, keepdim=True).clamp(min=1)
+
+
+def count_records(targets: torch.Tensor) -> int:
+    """Rows that carry a loss: what ``per_record`` sums over."""
+    return int((targets != IGNORE_INDEX).any(dim=1).sum())
 
 
 def packed_rows(
     inputs: torch.Tensor, targets: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]] | None:
+) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...], torch.Tensor] | None:
     """The batch's rows end to end without what follows their last supervised target, as
-    ``(inputs (1, N), targets (1, N), row lengths)``; None when no row has anything to drop.
+    ``(inputs (1, N), targets (1, N), row lengths, kept (B, T) mask)``; None when no row has
+    anything to drop.
 
     Causal attention means that no later position changes an earlier one's loss, so cutting
     each row after its last target (the padding, and an answer truncated by masking) and
@@ -253,7 +294,7 @@ def packed_rows(
         return None
     keep = torch.arange(t, device=targets.device)[None, :] < lengths[:, None]
     segments = tuple(n for n in lengths.tolist() if n > 0)
-    return inputs[keep][None], targets[keep][None], segments
+    return inputs[keep][None], targets[keep][None], segments, keep
 
 
 def loss_sum_from_hidden(
@@ -263,12 +304,19 @@ def loss_sum_from_hidden(
     *,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     grad_scale: float = 1.0,
+    token_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``supervised_loss_sum`` from the final hidden states (B, T, D) of the batch."""
+    """``supervised_loss_sum`` from the final hidden states (B, T, D) of the batch; each
+    token's term times ``token_weights`` (B, T) when given."""
     mask = targets != IGNORE_INDEX
     rows = hidden[mask]  # (N, D): positions that carry a loss
     return linear_cross_entropy_sum(
-        rows, output_weight, targets[mask], chunk_rows=chunk_rows, grad_scale=grad_scale
+        rows,
+        output_weight,
+        targets[mask],
+        chunk_rows=chunk_rows,
+        grad_scale=grad_scale,
+        row_weights=None if token_weights is None else token_weights[mask],
     )
 
 
@@ -279,16 +327,24 @@ class SupervisedLoss(nn.Module):
     multiplies it by ``grad_scale`` (1 / supervised tokens of the step) before backward.
     """
 
-    def __init__(self, model: nn.Module, *, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> None:
+    def __init__(
+        self, model: nn.Module, *, chunk_rows: int = DEFAULT_CHUNK_ROWS, per_record: bool = False
+    ) -> None:
         super().__init__()
         self.model = model
         self.chunk_rows = chunk_rows
+        self.per_record = per_record
 
     def forward(
         self, inputs: torch.Tensor, targets: torch.Tensor, grad_scale: float = 1.0
     ) -> torch.Tensor:
         return supervised_loss_sum(
-            self.model, inputs, targets, chunk_rows=self.chunk_rows, grad_scale=grad_scale
+            self.model,
+            inputs,
+            targets,
+            chunk_rows=self.chunk_rows,
+            grad_scale=grad_scale,
+            per_record=self.per_record,
         )
 
 
