@@ -10,6 +10,7 @@ from instructune.cli.main import main
 from instructune.config import (
     PRESETS,
     ConfigError,
+    DpoConfig,
     FinetuneConfig,
     apply_overrides,
     dump_yaml,
@@ -211,3 +212,10 @@ def test_assignment_is_validated():
     with pytest.raises(ConfigError, match="setting 'epochs'"):
         cfg.epochs = 0
     assert cfg.epochs == 1
+
+
+def test_dpo_refuses_a_record_average_it_would_ignore():
+    assert DpoConfig.from_dict({"loss_average": "token"}).loss_average == "token"
+    with pytest.raises(ConfigError, match="loss_average.*DPO's loss is a mean over pairs"):
+        DpoConfig.from_dict({"loss_average": "record"})
+    assert FinetuneConfig.from_dict({"loss_average": "record"}).loss_average == "record"

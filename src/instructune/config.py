@@ -527,6 +527,13 @@ class DpoConfig(FinetuneConfig):
         description="DPO: how far the policy may move from the reference (the book: 0.1)",
     )
 
+    @field_validator("loss_average")
+    @classmethod
+    def _pairs_only(cls, value: str) -> str:
+        if value != "token":
+            raise ValueError("DPO's loss is a mean over pairs; loss_average is finetune's")
+        return value
+
 
 # The book's DPO notebook (ch07/04_preference-tuning-with-dpo): AdamW lr 5e-6, weight decay
 # 0.01, batch size 8, 1 epoch, beta 0.1, evaluation every 5 steps on 5 batches, seed 123. It
