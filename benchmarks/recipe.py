@@ -161,10 +161,15 @@ def main(argv: list[str] | None = None) -> int:
             for k in ("wall_s", "test_rouge_l", "test_exact_match")
         }
         first = first or mean
+        val = ""
+        if args.validation:  # what a recipe is chosen by
+            val_rouge = sum(r["val_rouge_l"] for r in mine) / len(mine)
+            val_em = sum(r["val_exact_match"] for r in mine) / len(mine)
+            val = f"; validation rouge_l {val_rouge:.3f}, exact_match {val_em:.3f}"
         print(
             f"{name}: mean of {len(mine)} seed(s): {mean['wall_s']:.0f} s end to end "
             f"({mean['wall_s'] / first['wall_s']:.2f}x the first recipe), test rouge_l "
-            f"{mean['test_rouge_l']:.3f}, exact_match {mean['test_exact_match']:.3f}"
+            f"{mean['test_rouge_l']:.3f}, exact_match {mean['test_exact_match']:.3f}{val}"
         )
     return 0
 
