@@ -97,8 +97,8 @@ class Run:
     started: float  # time.perf_counter() at the start
     timings: dict[str, float] = field(default_factory=dict)
     lora_base: str | None = None  # a LoRA run: the base its adapter names (set_up sets it)
-    # What the loop minimises (None: the supervised token loss), and what a job adds to
-    # run.json (DPO: its reference log-probabilities).
+    # What the loop minimises (start sets finetune's supervised loss, which the dpo job
+    # replaces), and what a job adds to run.json (DPO: its reference log-probabilities).
     objective: Any = None
     job_info: dict[str, Any] = field(default_factory=dict)
 
@@ -131,6 +131,7 @@ def start(
 
     from instructune.config import format_config
     from instructune.training import distributed as dist
+    from instructune.training.loop import SupervisedObjective
     from instructune.utils.devices import pick_device
 
     cfg.validate()
@@ -176,6 +177,7 @@ def start(
         prompt_date=prompt_date,
         previous=previous,
         started=started,
+        objective=SupervisedObjective(per_record=cfg.loss_average == "record"),
     )
 
 
@@ -482,11 +484,7 @@ def train(run: Run) -> dict[str, Any]:
     says so before it is raised.
     """
     from instructune.training import distributed as dist
-    from instructune.training.loop import (
-        SupervisedObjective,
-        TrainingDiverged,
-        TrainingInterrupted,
-    )
+    from instructune.training.loop import TrainingDiverged, TrainingInterrupted
     from instructune.training.loop import train as train_loop
     from instructune.training.metrics import MetricsLog
 
@@ -509,7 +507,7 @@ def train(run: Run) -> dict[str, Any]:
             scaler=run.scaler,
             compile_model=cfg.compile,
             on_epoch_end=(lambda epoch: _sample(run, epoch)) if cfg.sample_every_epoch else None,
-            objective=run.objective or SupervisedObjective(per_record=cfg.loss_average == "record"),
+            objective=run.objective,
         )
         run.timings["train_s"] = time.perf_counter() - t0
     except (TrainingDiverged, TrainingInterrupted, StorageError) as exc:
@@ -549,10 +547,9 @@ def train(run: Run) -> dict[str, Any]:
 def _initial_losses(run: Run, metrics: Any) -> None:
     """The book prints the losses before training (on ``eval_batches`` batches each), with
     the run's objective (DPO: ln 2 and a margin of 0, the policy being the reference)."""
-    from instructune.training.loop import SupervisedObjective, eval_batches_from, eval_record
+    from instructune.training.loop import eval_batches_from, eval_record
 
-    cfg, data = run.cfg, run.data
-    objective = run.objective or SupervisedObjective()
+    cfg, data, objective = run.cfg, run.data, run.objective
     t0 = time.perf_counter()
     first_train = eval_batches_from(data.order(0), cfg.batch_size, cfg.eval_batches)
     first_val = data.val_batches[: cfg.eval_batches]

@@ -209,7 +209,12 @@ def save_checkpoint(
     root = Path(run_dir) / CHECKPOINT_DIR
     root.mkdir(parents=True, exist_ok=True)
     final = root / _step_name(progress.step)
-    needed = checkpoint_bytes(model, optimizer)
+    opt_state = None
+    if optimizer is not None:
+        opt_state = {"optimizer": optimizer.state_dict()}
+        if scaler is not None:
+            opt_state["scaler"] = scaler.state_dict()
+    needed = _checkpoint_bytes(model, opt_state)
     if free_bytes(root) < needed:
         raise _no_room(root, progress.step, needed)
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
@@ -224,10 +229,7 @@ def save_checkpoint(
         for rank, rng in enumerate(rng_states):
             _torch_save(rng, tmp / rng_file(rank))
             files.append(rng_file(rank))
-        if optimizer is not None:
-            opt_state = {"optimizer": optimizer.state_dict()}
-            if scaler is not None:
-                opt_state["scaler"] = scaler.state_dict()
+        if opt_state is not None:
             _torch_save(opt_state, tmp / OPTIMIZER_FILE)
             files.append(OPTIMIZER_FILE)
         state = {"progress": progress.to_dict(), "rng_ranks": len(rng_states), **(extra or {})}
@@ -257,8 +259,8 @@ def save_checkpoint(
     return final
 
 
-def checkpoint_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> int:
-    """About the bytes a checkpoint of ``model`` and ``optimizer`` takes on disk.
+def _checkpoint_bytes(model: nn.Module, opt_state: dict[str, Any] | None) -> int:
+    """About the bytes a checkpoint of ``model`` and its optimizer state takes on disk.
 
     The weights (tied tensors counted once) and the optimizer's state tensors, plus 1 MiB for
     the random states, the JSON files and the headers.
@@ -277,10 +279,8 @@ def checkpoint_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None) 
             return sum(tensor_bytes(v) for v in obj)
         return 0
 
-    total = (1 << 20) + tensor_bytes(model.state_dict())
-    if optimizer is not None:  # its state_dict nests (the in-backward optimizer: a list of them)
-        total += tensor_bytes(optimizer.state_dict())
-    return total
+    # The optimizer state nests (the in-backward optimizer's: a list of state dicts).
+    return (1 << 20) + tensor_bytes(model.state_dict()) + tensor_bytes(opt_state)
 
 
 def _no_room(root: Path, step: int, needed: int) -> StorageError:
