@@ -307,7 +307,7 @@ def run_one(spec: dict) -> dict:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             t4 = time.perf_counter()
-            losses.append(float(loss_sum) / count)
+            losses.append(float(loss_sum.detach()) / count)
             if timed and step_probe is not None:  # inside this process's turn, untimed
                 flops = 6 * n_params * count / (t4 - t0)
                 step_mfus.append(flops / step_probe.flops())
