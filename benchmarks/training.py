@@ -5,7 +5,7 @@ step (fused supervised-only cross-entropy, fused AdamW) on the book's training s
 positions/s, supervised tokens/s (targets != -100), the padding share, seconds per step split
 into data / forward / backward / optimizer, peak resident memory, and
 
-    supervised MFU = 6 * N * supervised tokens/s / fp32 matmul peak
+    supervised MFU = 6 * N * supervised tokens/s / matmul peak of the row's precision
 
 with N the weight-matrix parameters including the output head (123.5M for gpt2) and the peak
 the median of 3 torch.mm of 4096x4096 in the same process with the same threads, in the row's
@@ -199,7 +199,7 @@ def run_transformers(spec: dict) -> dict:
 
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(123)
-    loaded = _load("gpt2", spec.get("model_overrides"))  # the tokenizer and batches only
+    loaded = _load("gpt2")  # the tokenizer and batches only
     shape = {"gpt2": {}, "gpt2-medium": {"n_embd": 1024, "n_layer": 24, "n_head": 16}}
     config = GPT2Config(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **shape[spec["model"]])
     model = GPT2LMHeadModel._from_config(config, attn_implementation="eager").train()
@@ -640,7 +640,7 @@ def main(argv: list[str] | None = None) -> int:
 
 NO_FAST_BF16 = (
     "this CPU has no AVX512-BF16 or AMX, so torch emulates bf16 matmuls ~50x slower than fp32 "
-    "and 2 x 50 steps would take hours; the comparison runs where bf16 is fast (--force-bf16 "
+    "and the two runs would take hours; the comparison runs where bf16 is fast (--force-bf16 "
     "runs it anyway)"
 )
 
