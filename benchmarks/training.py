@@ -164,29 +164,6 @@ def _lockstep_done(spec: dict) -> None:
         print("step done", flush=True)
 
 
-class StepProbe:
-    """One timed n x n product after each training step, on matrices made once: the machine's
-    matmul speed at that moment. A shared VM's speed drifts by 15% and more over minutes, and
-    the peak probed once at the end of a run can meet a faster or slower moment than the
-    steps did; a step's FLOP/s over the probe right after it is robust to that."""
-
-    def __init__(self, dtype, n: int) -> None:
-        import torch
-
-        gen = torch.Generator().manual_seed(0)
-        self.a = torch.randn(n, n, generator=gen).to(dtype)
-        self.b = torch.randn(n, n, generator=gen).to(dtype)
-        self.n = n
-        torch.mm(self.a, self.b)  # warm-up: thread pool, packing buffers
-
-    def flops(self) -> float:
-        import torch
-
-        start = time.perf_counter()
-        torch.mm(self.a, self.b)
-        return 2 * self.n**3 / (time.perf_counter() - start)
-
-
 def run_transformers(spec: dict) -> dict:
     """The reference: transformers' ``GPT2LMHeadModel`` (eager attention, GPT-2 small or medium
     shape, dropout 0 as the book's chapter 7), ``F.cross_entropy`` on the full logits and
@@ -248,6 +225,7 @@ def run_one(spec: dict) -> dict:
     )
     from instructune.training.loss import IGNORE_INDEX, SupervisedLoss
     from instructune.training.metrics import (
+        MatmulProbe,
         count_matmul_params,
         matmul_peak_flops,
         peak_rss_bytes,
@@ -281,7 +259,10 @@ def run_one(spec: dict) -> dict:
     n_params = count_matmul_params(model)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[spec["precision"]]
     peak_n = spec.get("peak_n", 4096)
-    step_probe = StepProbe(dtype, peak_n) if spec.get("step_peak") else None
+    # --step-peak: one product after every step, in this process's turn, untimed. A shared
+    # VM's speed drifts by 15% and more over minutes, so a peak probed once at the end can
+    # meet a faster or slower moment than the steps did.
+    step_probe = MatmulProbe(dtype, peak_n) if spec.get("step_peak") else None
     step_mfus = []
     profiler = None
     # As instructune's training loop keeps freed memory (--mmap-heap: glibc's defaults).

@@ -136,24 +136,40 @@ def count_matmul_params(model) -> int:
     return sum(seen.values())
 
 
-def matmul_peak_flops(dtype=None, *, n: int = 4096, repeats: int = 3) -> float:
-    """FLOP/s of one ``torch.mm`` of two n×n matrices: the median of ``repeats`` timed runs.
+class MatmulProbe:
+    """Times one ``torch.mm`` of two n×n matrices, made (and multiplied once, to warm up the
+    thread pool and packing buffers) when the probe is made, so that it can be timed again
+    and again: after every training step, say, where the machine's speed drifts.
 
-    Uses the current ``torch.get_num_threads()``, so call it in the process you measure.
+    Uses the current ``torch.get_num_threads()``, so make it in the process you measure.
     """
-    import torch
 
-    dtype = dtype or torch.float32
-    gen = torch.Generator().manual_seed(0)
-    a = torch.randn(n, n, generator=gen).to(dtype)
-    b = torch.randn(n, n, generator=gen).to(dtype)
-    torch.mm(a, b)  # warm-up (thread pool, packing buffers)
-    times = []
-    for _ in range(repeats):
+    def __init__(self, dtype=None, n: int = 4096) -> None:
+        import torch
+
+        gen = torch.Generator().manual_seed(0)
+        self.a = torch.randn(n, n, generator=gen).to(dtype or torch.float32)
+        self.b = torch.randn(n, n, generator=gen).to(dtype or torch.float32)
+        self.n = n
+        torch.mm(self.a, self.b)
+
+    def seconds(self) -> float:
+        import torch
+
         start = time.perf_counter()
-        torch.mm(a, b)
-        times.append(time.perf_counter() - start)
-    return 2 * n**3 / statistics.median(times)
+        torch.mm(self.a, self.b)
+        return time.perf_counter() - start
+
+    def flops(self) -> float:
+        """FLOP/s of one product, now."""
+        return 2 * self.n**3 / self.seconds()
+
+
+def matmul_peak_flops(dtype=None, *, n: int = 4096, repeats: int = 3) -> float:
+    """FLOP/s of one ``torch.mm`` of two n×n matrices: the median of ``repeats`` timed runs
+    (see :class:`MatmulProbe`)."""
+    probe = MatmulProbe(dtype, n)
+    return 2 * n**3 / statistics.median(probe.seconds() for _ in range(repeats))
 
 
 def supervised_mfu(n_params: int, supervised_tokens_per_s: float, peak_flops: float) -> float:
