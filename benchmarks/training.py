@@ -58,21 +58,17 @@ def _load(model_name: str, overrides: dict | None = None):
     """The model of a configuration: the embedded model's real weights, else random weights
     (seeded, so every process of a configuration starts from the same ones); ``overrides``
     shrink a GPT-2 (the tests' tiny configurations)."""
-    import dataclasses
-
     import torch
 
     from instructune.checkpoints import load_model
-    from instructune.models import build_model, get_config
+    from instructune.pipeline.model import random_resized
 
     torch.manual_seed(123)
     if model_name == "smollm2-135m-instruct":
         return load_model(model_name)
-    loaded = load_model(model_name, init="random", device="meta" if overrides else "cpu")
     if overrides:
-        config = get_config(model_name, **overrides)
-        loaded = dataclasses.replace(loaded, model=build_model(config), config=config)
-    return loaded
+        return random_resized(model_name, overrides)
+    return load_model(model_name, init="random")
 
 
 def _step_batches(items, order: list[list[int]], spec: dict) -> list[list[int]]:

@@ -42,7 +42,6 @@ def load_for_training(cfg: FinetuneConfig, device: torch.device) -> LoadedModel:
     import torch
 
     from instructune.checkpoints import load_model
-    from instructune.checkpoints.load import RANDOM_INIT, LoadedModel
 
     # log=None: the run's own log line names the weights (see finetune.set_up).
     if not cfg.model_overrides:
@@ -52,22 +51,32 @@ def load_for_training(cfg: FinetuneConfig, device: torch.device) -> LoadedModel:
             "model_overrides change the model's shape, so they need --init random "
             f"(got --init {cfg.init} for {cfg.model})"
         )
+    return random_resized(cfg.model, cfg.model_overrides, device)
+
+
+def random_resized(name: str, overrides: dict[str, Any], device: Any = "cpu") -> LoadedModel:
+    """Random fp32 weights of the registry model ``name`` with ``overrides`` applied to its
+    shape (``n_layers=2,...``: tests, benchmarks), and that model family's tokenizer."""
+    import torch
+
+    from instructune.checkpoints import load_model
+    from instructune.checkpoints.load import RANDOM_INIT, LoadedModel
     from instructune.models import build_model, get_config
 
-    model_cfg = get_config(cfg.model, **cfg.model_overrides)
+    model_cfg = get_config(name, **overrides)
     if model_cfg.arch == "gpt2":
         from instructune.tokenization import load_tokenizer
 
         tokenizer = load_tokenizer("gpt2")
     else:  # the tokenizer of the full-size model of that name
-        tokenizer = load_model(cfg.model, init="random", device="meta", log=None).tokenizer
+        tokenizer = load_model(name, init="random", device="meta", log=None).tokenizer
     model = build_model(model_cfg, device=device, dtype=torch.float32)
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
         config=model_cfg,
         prompt_format=None,
-        source=cfg.model,
+        source=name,
         weights=RANDOM_INIT,
     )
 
