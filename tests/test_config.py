@@ -214,8 +214,11 @@ def test_assignment_is_validated():
     assert cfg.epochs == 1
 
 
-def test_dpo_refuses_a_record_average_it_would_ignore():
+def test_dpo_refuses_finetune_only_loss_settings_it_would_ignore():
     assert DpoConfig.from_dict({"loss_average": "token"}).loss_average == "token"
     with pytest.raises(ConfigError, match="loss_average.*DPO's loss is a mean over pairs"):
         DpoConfig.from_dict({"loss_average": "record"})
     assert FinetuneConfig.from_dict({"loss_average": "record"}).loss_average == "record"
+    with pytest.raises(ConfigError, match="prompt_gradient.*DPO takes the exact gradient"):
+        DpoConfig.from_dict({"prompt_gradient": False})
+    assert FinetuneConfig.from_dict({"prompt_gradient": False}).prompt_gradient is False

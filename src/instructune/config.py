@@ -116,6 +116,12 @@ class FinetuneConfig(BaseModel):
         "book's) or record (each record's mean token loss alike: a one-word answer weighs as "
         "much as a paragraph)",
     )
+    prompt_gradient: bool = Field(
+        True,
+        description="with mask_instructions: let the gradient reach the weights through the "
+        "prompt positions too (the exact gradient); off, each prompt runs once without "
+        "gradients and backward covers the answers alone (cheaper, an approximation)",
+    )
     max_length: int | None = Field(
         None,
         ge=2,
@@ -532,6 +538,13 @@ class DpoConfig(FinetuneConfig):
     def _pairs_only(cls, value: str) -> str:
         if value != "token":
             raise ValueError("DPO's loss is a mean over pairs; loss_average is finetune's")
+        return value
+
+    @field_validator("prompt_gradient")
+    @classmethod
+    def _exact_gradient(cls, value: bool) -> bool:
+        if not value:
+            raise ValueError("DPO takes the exact gradient; prompt_gradient is finetune's")
         return value
 
 

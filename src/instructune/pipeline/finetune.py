@@ -135,6 +135,11 @@ def start(
     from instructune.utils.devices import pick_device
 
     cfg.validate()
+    if not cfg.prompt_gradient and (not cfg.mask_instructions or cfg.loss_average != "token"):
+        raise ConfigError(
+            "setting 'prompt_gradient': off needs mask_instructions (a loss on the answers "
+            "alone) and loss_average token"
+        )
     started = time.perf_counter()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
@@ -177,7 +182,9 @@ def start(
         prompt_date=prompt_date,
         previous=previous,
         started=started,
-        objective=SupervisedObjective(per_record=cfg.loss_average == "record"),
+        objective=SupervisedObjective(
+            per_record=cfg.loss_average == "record", fixed_prompts=not cfg.prompt_gradient
+        ),
     )
 
 

@@ -112,9 +112,10 @@ class SupervisedObjective:
     """
 
     per_record: bool = False
+    fixed_prompts: bool = False
 
     def loss_module(self, model: nn.Module) -> nn.Module:
-        return SupervisedLoss(model, per_record=self.per_record)
+        return SupervisedLoss(model, per_record=self.per_record, fixed_prompts=self.fixed_prompts)
 
     def sizes(self, batch: tuple[torch.Tensor, ...]) -> tuple[int, int, int]:
         inputs, targets = batch

@@ -18,9 +18,11 @@ divides by the records of the step.
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from instructune.models.layers import linear
 
@@ -228,6 +230,7 @@ def supervised_loss_sum(
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     grad_scale: float = 1.0,
     per_record: bool = False,
+    fixed_prompts: bool = False,
 ) -> torch.Tensor:
     """Summed token loss of a batch: the head and softmax only where targets != -100.
 
@@ -237,7 +240,15 @@ def supervised_loss_sum(
 
     On a CPU, a batch with padding is packed first (:func:`packed_rows`) when the model takes
     ``segments``, so no arithmetic is spent on padded positions; the loss is the same sum.
+    ``fixed_prompts``: the prompts run without gradients (:func:`fixed_prompt_hidden`).
     """
+    if fixed_prompts:
+        if per_record:
+            raise ValueError("fixed prompts take the token average")
+        hidden, targets = fixed_prompt_hidden(model, inputs, targets)
+        return loss_sum_from_hidden(
+            hidden, model.output_weight, targets, chunk_rows=chunk_rows, grad_scale=grad_scale
+        )
     weights = record_weights(targets) if per_record else None
     packed = None
     if inputs.device.type == "cpu" and getattr(model, "packs_sequences", False):
@@ -297,6 +308,94 @@ def packed_rows(
     return inputs[keep][None], targets[keep][None], segments, keep
 
 
+class _FixedPrompts:
+    """The models' cache protocol (``attend``) for training on answers over fixed prompts.
+
+    Two model calls share it. The first (``filling``, without gradients) runs every row's
+    prompt, packed end to end, each attending causally to itself, and keeps each row's keys and
+    values at every layer. The second runs the answers, packed the same way: each row's queries
+    attend over its own prompt's kept keys and values, then causally over its own answer's.
+    """
+
+    length = 0  # the model builds no mask of its own: attention here is per row
+
+    def __init__(self, prompts: Sequence[int], answers: Sequence[int]) -> None:
+        self.prompts = list(prompts)
+        self.answers = list(answers)
+        self.filling = True
+        self.keys: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        self.masks: list[torch.Tensor] = []
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        gqa = k.shape[1] != q.shape[1]
+        if self.filling:
+            qs, ks, vs = (t.split(self.prompts, 2) for t in (q, k, v))
+            self.keys[layer] = (list(ks), list(vs))
+            outs = [
+                F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, enable_gqa=gqa)
+                for qi, ki, vi in zip(qs, ks, vs, strict=True)
+            ]
+            return torch.cat(outs, dim=2)
+        if not self.masks:
+            # Answer query t sits at position p + t and sees the keys at positions <= p + t.
+            self.masks = [
+                torch.ones(a, p + a, dtype=torch.bool, device=q.device).tril(p)
+                for p, a in zip(self.prompts, self.answers, strict=True)
+            ]
+        prompt_k, prompt_v = self.keys[layer]
+        qs, ks, vs = (t.split(self.answers, 2) for t in (q, k, v))
+        outs = [
+            F.scaled_dot_product_attention(
+                qi, torch.cat([pk, ki], 2), torch.cat([pv, vi], 2), attn_mask=mask, enable_gqa=gqa
+            )
+            for qi, ki, vi, pk, pv, mask in zip(qs, ks, vs, prompt_k, prompt_v, self.masks,
+                                                strict=True)
+        ]  # fmt: skip
+        return torch.cat(outs, dim=2)
+
+    def advance(self, n: int) -> None:
+        """Nothing: positions are given to each call."""
+
+
+def fixed_prompt_hidden(
+    model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Final hidden states (1, N, D) of the batch's answer positions and their targets (1, N),
+    with every prompt run without gradients.
+
+    A row's prompt is what precedes its first supervised position, its answer what follows up
+    to its last. The loss is the same function of the weights as the packed one's; only its
+    gradient differs: it does not reach the weights through the prompt positions' keys and
+    values, so backward skips the prompt positions (about two thirds of the book's tokens with
+    an empty system turn). Rows without a target are left out.
+    """
+    t = targets.shape[1]
+    supervised = targets != IGNORE_INDEX
+    positions = torch.arange(t, device=targets.device)
+    has = supervised.any(dim=1)
+    first = torch.where(supervised, positions, t).amin(dim=1)
+    last = torch.where(supervised, positions, -1).amax(dim=1)
+    rows = has.nonzero().flatten().tolist()
+    starts = first.tolist()
+    ends = (last + 1).tolist()
+    prompts = [starts[r] for r in rows]
+    answers = [ends[r] - starts[r] for r in rows]
+    if not rows or min(prompts) == 0:
+        raise ValueError("fixed prompts need a prompt before every row's first target")
+    prefix = _FixedPrompts(prompts, answers)
+    cat = torch.cat  # the rows' pieces, end to end
+    prompt_ids = cat([inputs[r, : starts[r]] for r in rows])[None]
+    prompt_pos = cat([torch.arange(starts[r], device=inputs.device) for r in rows])[None]
+    with torch.no_grad():
+        model.forward_hidden(prompt_ids, position_ids=prompt_pos, cache=prefix)
+    prefix.filling = False
+    answer_ids = cat([inputs[r, starts[r] : ends[r]] for r in rows])[None]
+    answer_pos = cat([torch.arange(starts[r], ends[r], device=inputs.device) for r in rows])[None]
+    answer_targets = cat([targets[r, starts[r] : ends[r]] for r in rows])[None]
+    hidden = model.forward_hidden(answer_ids, position_ids=answer_pos, cache=prefix)
+    return hidden, answer_targets
+
+
 def loss_sum_from_hidden(
     hidden: torch.Tensor,
     output_weight: torch.Tensor,
@@ -328,12 +427,18 @@ class SupervisedLoss(nn.Module):
     """
 
     def __init__(
-        self, model: nn.Module, *, chunk_rows: int = DEFAULT_CHUNK_ROWS, per_record: bool = False
+        self,
+        model: nn.Module,
+        *,
+        chunk_rows: int = DEFAULT_CHUNK_ROWS,
+        per_record: bool = False,
+        fixed_prompts: bool = False,
     ) -> None:
         super().__init__()
         self.model = model
         self.chunk_rows = chunk_rows
         self.per_record = per_record
+        self.fixed_prompts = fixed_prompts
 
     def forward(
         self, inputs: torch.Tensor, targets: torch.Tensor, grad_scale: float = 1.0
@@ -345,6 +450,7 @@ class SupervisedLoss(nn.Module):
             chunk_rows=self.chunk_rows,
             grad_scale=grad_scale,
             per_record=self.per_record,
+            fixed_prompts=self.fixed_prompts,
         )
 
 
