@@ -357,6 +357,29 @@ def build_attention_mask(
     return (mask[None, None] & keep) | (key_pos == query_pos)[None, None]
 
 
+def packed_causal_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    segments: Sequence[int],
+    *,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Attention for (1, H, T, hd) queries over (1, KV, T, hd) keys/values holding sequences of
+    ``segments`` lengths end to end: each attends causally to itself alone. (1, H, T, hd)."""
+    parts = zip(q.split(segments, 2), k.split(segments, 2), v.split(segments, 2), strict=True)
+    gqa = k.shape[1] != q.shape[1]
+    return torch.cat(
+        [
+            F.scaled_dot_product_attention(
+                qs, ks, vs, dropout_p=dropout_p, is_causal=True, enable_gqa=gqa
+            )
+            for qs, ks, vs in parts
+        ],
+        dim=2,
+    )
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head (or grouped-query) causal attention with one fused q/k/v projection.
 
@@ -405,19 +428,7 @@ class CausalSelfAttention(nn.Module):
             # batch's joint step) attends each group over its own keys itself.
             out = cache.attend(layer, q, k, v)
         elif segments is not None:
-            # Packed sequences: each attends causally to itself alone.
-            parts = zip(
-                q.split(segments, 2), k.split(segments, 2), v.split(segments, 2), strict=True
-            )
-            out = torch.cat(
-                [
-                    F.scaled_dot_product_attention(
-                        qs, ks, vs, dropout_p=dropout_p, is_causal=True, enable_gqa=kv != h
-                    )
-                    for qs, ks, vs in parts
-                ],
-                dim=2,
-            )
+            out = packed_causal_attention(q, k, v, segments, dropout_p=dropout_p)
         else:
             if cache is not None:
                 k, v = cache.update(layer, k, v)  # (B, KV, S, hd)

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from instructune.models.layers import linear
+from instructune.models.layers import linear, packed_causal_attention
 
 IGNORE_INDEX = -100
 # Rows of logits per chunk: 512 x 50257 fp32 = 103 MB, big enough for efficient matmuls.
@@ -327,15 +327,10 @@ class _FixedPrompts:
         self.masks: list[torch.Tensor] = []
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        gqa = k.shape[1] != q.shape[1]
         if self.filling:
-            qs, ks, vs = (t.split(self.prompts, 2) for t in (q, k, v))
-            self.keys[layer] = (list(ks), list(vs))
-            outs = [
-                F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, enable_gqa=gqa)
-                for qi, ki, vi in zip(qs, ks, vs, strict=True)
-            ]
-            return torch.cat(outs, dim=2)
+            self.keys[layer] = (list(k.split(self.prompts, 2)), list(v.split(self.prompts, 2)))
+            return packed_causal_attention(q, k, v, self.prompts)
+        gqa = k.shape[1] != q.shape[1]
         if not self.masks:
             # Answer query t sits at position p + t and sees the keys at positions <= p + t.
             self.masks = [
