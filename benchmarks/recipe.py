@@ -78,7 +78,7 @@ def run_recipe(name: str, seed: int, args: argparse.Namespace) -> dict:
         "test_exact_match": scores["metrics"]["exact_match"],
     }
     if args.validation:
-        row.update(_validation_scores(out, run["config"]["max_new_tokens"], args))
+        row.update(_validation_scores(out, run["config"]))
     if not args.keep_checkpoints:
         # The saved model, its answers and its metrics stay; the checkpoints (weights and
         # optimizer state, 1.3 GB a run of this model) would fill the disk over a sweep.
@@ -86,18 +86,31 @@ def run_recipe(name: str, seed: int, args: argparse.Namespace) -> dict:
     return row
 
 
-def _validation_scores(out: Path, max_new_tokens: int, args: argparse.Namespace) -> dict:
-    """Answer the validation split with the run's model (greedy, as the test split) and score."""
-    from instructune.data.records import load_records, split_records
+def validation_records(config: dict) -> list[dict]:
+    """The validation split a run was trained beside, from its run.json ``config``: its
+    ``--val-data`` file, or the 85/10/5 split of its ``--data`` (with its split seed)."""
+    from instructune.data.records import split_records
+    from instructune.data.sources import load_source
+
+    if config.get("val_data"):
+        return list(load_source(config["val_data"]))
+    _train, _test, val = split_records(
+        load_source(config["data"]), shuffle_seed=config.get("split_shuffle_seed")
+    )
+    return val
+
+
+def _validation_scores(out: Path, config: dict) -> dict:
+    """Answer the run's validation split with its model (greedy, as the test split) and score."""
     from instructune.evaluation.textmetrics import mean_of, text_metrics
 
-    _train, _test, val = split_records(load_records(args.data))
     val_file = out / "validation-records.json"
-    val_file.write_text(json.dumps(val, ensure_ascii=False))
+    val_file.write_text(json.dumps(validation_records(config), ensure_ascii=False))
     answers = out / "validation-responses.json"
+    answers.unlink(missing_ok=True)  # a rerun scores the model as it is now
     cmd = _instructune(
         "generate", "--model", str(out), "--data", str(val_file), "--out", str(answers),
-        "--max-new-tokens", str(max_new_tokens), "--quiet",
+        "--max-new-tokens", str(config["max_new_tokens"]), "--quiet",
     )  # fmt: skip
     subprocess.run(cmd, check=True, capture_output=True)
     records = json.loads(answers.read_text())
